@@ -262,6 +262,9 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
     fps = {s.name: fingerprint(s, settings) for s in plan}
 
     mine = [s for n, s in enumerate(plan) if n % part_n == part_i]
+    for s in mine:  # leftovers of a killed run; other parts' .partial files may be in use
+        for leftover in (out / f"{s.name}.partial", out / f"{s.name[:-4]}.idx.partial"):
+            leftover.unlink(missing_ok=True)
     records = {s.name: r for s in mine if (r := finished_record(out, s, fps[s.name]))}
     todo = [s for s in mine if s.name not in records]
     n_items = sum(len(s.items) for s in todo)
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify is not None:
         from deblur.shard_verify import verify
 
-        problems = verify(args.verify)
+        problems = verify(args.verify, progress=not args.no_progress)
         for problem in problems:
             print(problem, file=sys.stderr)
         print(f"{args.verify}: " + (f"{len(problems)} problems" if problems else "OK"))
