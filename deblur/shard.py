@@ -269,6 +269,8 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
     n_items = sum(len(s.items) for s in todo)
     if records:
         print(f"resuming: {len(records)} of {len(mine)} shards already built", file=sys.stderr)
+    if todo:  # the folder is about to change: an old manifest must not vouch for it meanwhile
+        (out / MANIFEST).unlink(missing_ok=True)
 
     t0 = time.perf_counter()
     work = functools.partial(make_sample, settings=settings)
@@ -318,8 +320,12 @@ def _pool(workers: int, n_items: int):
     """A process pool when it pays off, else a null context (work runs in this process)."""
     if workers <= 1 or n_items < 2:
         return contextlib.nullcontext(None)
-    # spawn, not fork: the parent may already hold threads (torch, tqdm) that fork would copy.
-    return multiprocessing.get_context("spawn").Pool(workers)
+    # Not fork: the parent may hold threads (torch, tqdm) whose locks fork would copy. The
+    # forkserver imports this module once and forks workers from it, so N workers do not pay
+    # N times for numpy/scipy/PIL imports the way spawn would.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["deblur.shard"])
+    return ctx.Pool(workers)
 
 
 def _remove_stale(out: Path, plan: list[Shard]) -> None:
