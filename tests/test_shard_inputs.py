@@ -85,6 +85,7 @@ def messy_folder(tmp_path_factory) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     (root / ".hidden.jpg").write_bytes(b"hidden files are not inputs")
+    (root / "dangling.jpg").symlink_to(root / "gone.jpg")
     return root
 
 
@@ -96,6 +97,7 @@ SKIPPED = {
     "small.jpg": "too small: 40x50",
     "bomb.png": "decompression bomb: 400x400",
     "anim.gif": "unsupported format: GIF",
+    "dangling.jpg": "cannot read: No such file",
 }
 
 
