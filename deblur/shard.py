@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import hashlib
 import io
@@ -70,6 +71,22 @@ class ShardSettings(BaseModel):
 
 
 # ----------------------------------------------------------------------------- worker side
+
+def keep_freed_heap() -> None:
+    """Stop glibc from handing freed heap back to the OS after every image.
+
+    Each blur allocates and frees a few MB of FFT buffers; with glibc's defaults the freed top
+    of the heap is trimmed and the next image page-faults the same memory back in. Measured on
+    178x218 crops: ~1.6 ms of kernel time per image, a third of all CPU time. 64 MB of top pad
+    (kept, not returned) removes it. A no-op where there is no glibc ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_top_pad = -2  # from glibc's malloc.h
+    mallopt(m_top_pad, 64 << 20)
+
 
 def _jpeg(image: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
@@ -298,6 +315,7 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
         (out / MANIFEST).unlink(missing_ok=True)
 
     t0 = time.perf_counter()
+    keep_freed_heap()  # for the work done in this process (workers=1); workers call it too
     work = functools.partial(make_sample, settings=settings)
     flat = [it for s in todo for it in s.items]
     bar = tqdm(total=n_items, unit="img", desc=f"building {out.name}", disable=not progress)
@@ -350,7 +368,7 @@ def _pool(workers: int, n_items: int):
     # N times for numpy/scipy/PIL imports the way spawn would.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["deblur.shard"])
-    return ctx.Pool(workers)
+    return ctx.Pool(workers, initializer=keep_freed_heap)
 
 
 def _remove_stale(out: Path, plan: list[Shard]) -> None:
