@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ from deblur import tario
 from deblur.shard import build_shards, main
 from deblur.shard_verify import verify
 
+ENV = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 OPTS = dict(seed=3, val_fraction=0.2, test_fraction=0.2, shard_size=6, workers=1, progress=False)
 
 
@@ -149,3 +155,29 @@ def test_verify_catches_an_undecodable_member(reference, tmp_path):
     (bad / name).write_bytes(bytes(data))
     problems = verify(bad, progress=False)
     assert any(name in p and "sharp.jpg does not decode" in p for p in problems), problems
+
+
+def test_sigkilled_cli_build_leaves_only_complete_tars(tiny_photo_folder, tmp_path):
+    """A real kill -9 of the CLI (and its workers) mid-build, then the same command again."""
+    reference = tmp_path / "reference"
+    opts = ["--seed", "3", "--val-fraction", "0.2", "--test-fraction", "0.2",
+            "--shard-size", "2", "--no-progress"]
+    cmd = [sys.executable, "-m", "deblur.shard", "--src", str(tiny_photo_folder), *opts]
+    subprocess.run(cmd + ["--out", str(reference), "--workers", "1"], check=True,
+                   capture_output=True, env=ENV)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd + ["--out", str(out), "--workers", "2"], env=ENV,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*.tar")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    published = sorted(out.glob("*.tar"))
+    assert published and not (out / "manifest.json").exists()
+    for tar in published:  # whatever carries a final name is complete and correct
+        assert tar.read_bytes() == (reference / tar.name).read_bytes(), tar.name
+    subprocess.run(cmd + ["--out", str(out), "--workers", "2"], check=True,
+                   capture_output=True, env=ENV)
+    assert dataset_files(out) == dataset_files(reference)
