@@ -60,6 +60,12 @@ def crops() -> list[tuple[str, int, Image.Image]]:
     return out
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    # Unchanged files are left alone, so concurrent --part runs never rewrite each other's.
+    if not path.is_file() or path.read_bytes() != data:
+        write_atomic(path, data)
+
+
 def materialize(folder: Path) -> Path:
     """Write the demo crops and their partition file into ``folder`` (idempotent); return it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,12 +73,7 @@ def materialize(folder: Path) -> Path:
     for name, code, im in crops():
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=JPEG_QUALITY)
-        path = folder / name
-        # Unchanged files are left alone, so concurrent --part runs never rewrite each other's.
-        if not path.is_file() or path.read_bytes() != buf.getvalue():
-            write_atomic(path, buf.getvalue())
+        _write_if_changed(folder / name, buf.getvalue())
         lines.append(f"{name} {code}\n")
-    partition = "".join(lines).encode()
-    if not (folder / PARTITION_FILE).is_file() or (folder / PARTITION_FILE).read_bytes() != partition:
-        write_atomic(folder / PARTITION_FILE, partition)
+    _write_if_changed(folder / PARTITION_FILE, "".join(lines).encode())
     return folder

@@ -55,7 +55,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_rgb(data: bytes, name: str, *, min_size: int = 1,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode ``data`` fully, refusing bombs, non-images, truncation and images under ``min_size``."""
+    """Decode ``data`` fully; refuse bombs, non-images, truncation and sides under ``min_size``."""
     if not data:
         raise ImageError(f"{name}: empty file")
     try:

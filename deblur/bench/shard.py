@@ -31,7 +31,8 @@ def demo_folder(folder: Path, images: int) -> Path:
     src = folder / "src"
     src.mkdir()
     for n in range(images):
-        shutil.copyfile(crops[n % len(crops)], src / f"r{n // len(crops)}_{crops[n % len(crops)].name}")
+        round_, crop = divmod(n, len(crops))
+        shutil.copyfile(crops[crop], src / f"r{round_}_{crops[crop].name}")
     return src
 
 
