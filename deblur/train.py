@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 import uuid
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from deblur.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint, step_dir_name
 from deblur.config import Config, dump_config
-from deblur.data import make_loader
+from deblur.data import make_loader, usable_cores
 from deblur.gan import GanStep, restoration_sums, summarize
 from deblur.models import Discriminator, Generator
 from deblur.norm import denormalize
@@ -109,6 +110,7 @@ def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool)
         flip=cfg.data.flip and train,
         backend=cfg.data.loader,
         device=accelerator.device,
+        num_workers=cfg.data.workers or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
     )
 
 
