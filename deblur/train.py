@@ -377,7 +377,10 @@ def train(cfg: Config) -> str:
         if len(set(fingerprints)) != 1:
             raise RuntimeError(f"replicas diverged: parameter hashes per rank {fingerprints}")
         write_final_outputs(cfg, accelerator, gan, step, test_metrics, fingerprints)
-        log.scalars({f"test/{k}": v for k, v in test_metrics.items()}, step)
+        if test_metrics["images"]:
+            log.scalars({f"test/{k}": v for k, v in test_metrics.items()}, step)
+        else:
+            accelerator.print("warning: no test images; metrics.json holds no test metrics")
         accelerator.print(f"done: {out / 'generator.safetensors'}, test metrics {test_metrics}")
     accelerator.end_training()
     return "stopped" if stopped else "finished"
