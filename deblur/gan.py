@@ -111,7 +111,10 @@ class GanStep:
     def _apply(self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.accelerator.backward(loss)
         if self.optim.grad_clip is not None:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
+            # Unscale (fp16) only this optimizer's gradients: accelerator.clip_grad_norm_ would
+            # unscale every prepared optimizer, including the one that is not stepping now.
+            self.accelerator.unscale_gradients(optimizer=optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
