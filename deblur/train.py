@@ -94,9 +94,18 @@ def split_size(shards: Path, split: str) -> int:
 
 
 def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool):
-    """The DALI/torch loader for this rank, or None for an empty split. Not passed to prepare():
-    each rank reads its own part of the shards already."""
-    if split_size(cfg.data.shards, split) == 0:
+    """The DALI/torch loader for this rank, or None for an empty (or, for evaluation, too small)
+    split. Not passed to prepare(): each rank reads its own part of the shards already.
+    Evaluation loaders use the training batch size and the loader's drop-last policy, so up to
+    world_size * batch_size - 1 images of a split go unmeasured; metrics record the count."""
+    samples = split_size(cfg.data.shards, split)
+    if samples == 0:
+        return None
+    if not train and samples // accelerator.num_processes < cfg.data.batch_size:
+        accelerator.print(
+            f"warning: the {split} split ({samples} samples) has less than one batch of {cfg.data.batch_size} "
+            f"per process for {accelerator.num_processes} processes; no {split} metrics"
+        )
         return None
     return make_loader(
         cfg.data.shards,

@@ -48,9 +48,10 @@ def start(shards: Path, out: Path, *overrides: str) -> subprocess.Popen:
         f"data.shards={shards}", f"output_dir={out}", "data.batch_size=2", "data.flip=false", "data.workers=1",
         f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=2",
         "train.log_every=1", f"train.eval_every={STEPS}", "train.record_batches=true", "wandb.mode=disabled",
-        *overrides,
+        *overrides,  # later overrides win
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env.pop("WANDB_MODE", None)  # the config's wandb.mode decides
     log = open(out.parent / f"{out.name}.log", "a")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -112,7 +113,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def reference(tmp_path_factory, tiny_shards) -> Path:
     """One uninterrupted run that the other tests compare against."""
     out = tmp_path_factory.mktemp("train") / "reference"
-    run(tiny_shards, out)
+    run(tiny_shards, out, "wandb.mode=offline")  # exercises the W&B tracker without a network
     return out
 
 
@@ -140,6 +141,15 @@ def test_run_writes_its_outputs(reference):
         assert (last / name).is_file(), name
     assert json.loads((last / "trainer.json").read_text())["step"] == STEPS
     assert (reference / "samples" / f"step-{STEPS:07d}.png").is_file()
+
+
+def test_wandb_run_lives_in_the_output_dir(reference):
+    runs = list((reference / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # main process only
+    records = list(runs[0].glob("run-*.wandb"))
+    assert len(records) == 1
+    assert b"max_consecutive_skips" in records[0].read_bytes()  # the resolved config is in the run
+    assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))  # the sample grid
 
 
 def test_replicas_hold_identical_parameters(reference):
