@@ -22,7 +22,7 @@ _EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(ValueError):
-    """An input image that cannot be used; the message names the file and the reason."""
+    """An input image that cannot be used: "<file>: <category>: <details>"."""
 
 
 @dataclass(frozen=True)
@@ -64,20 +64,20 @@ def decode_rgb(data: bytes, name: str, *, min_size: int = 1,
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             if im.format not in SUPPORTED_FORMATS:
-                raise ImageError(f"{name}: unsupported image format {im.format}")
+                raise ImageError(f"{name}: unsupported format: {im.format}")
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageError(f"{name}: {w}x{h} exceeds the {max_pixels}-pixel limit "
-                                 "(possible decompression bomb)")
+                raise ImageError(f"{name}: decompression bomb: {w}x{h} exceeds the "
+                                 f"{max_pixels}-pixel limit")
             im.load()  # full decode now: truncated or corrupt data fails here, not later
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: decompression bomb refused: {e}") from None
+        raise ImageError(f"{name}: decompression bomb: {e}") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
         raise ImageError(f"{name}: cannot decode: {type(e).__name__}: {e}") from None
     if min(w, h) < min_size:
-        raise ImageError(f"{name}: {w}x{h} is smaller than the {min_size}-px minimum side")
+        raise ImageError(f"{name}: too small: {w}x{h}, shorter side under {min_size} px")
     fmt = im.format or ""
     orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     reusable = (fmt == "JPEG" and im.mode == "RGB" and orientation == 1

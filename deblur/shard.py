@@ -14,7 +14,9 @@ builds shards I, I+N, I+2N, ...; whichever run finds every shard finished writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import hashlib
 import io
 import json
 import multiprocessing
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
@@ -64,12 +67,9 @@ class ShardSettings(BaseModel):
 
 # ----------------------------------------------------------------------------- worker side
 
-def _jpeg(image: np.ndarray | object, quality: int) -> bytes:
-    from PIL import Image
-
-    im = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+def _jpeg(image: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality, subsampling="4:2:0")
+    image.save(buf, "JPEG", quality=quality, subsampling="4:2:0")
     return buf.getvalue()
 
 
@@ -95,7 +95,7 @@ def make_sample(item: Item, settings: ShardSettings):
     members = [
         (f"{item.key}.sharp.jpg",
          data if decoded.reusable_jpeg else _jpeg(decoded.image, settings.jpeg_quality)),
-        (f"{item.key}.blur.jpg", _jpeg(apply_blur(sharp, blur), settings.jpeg_quality)),
+        (f"{item.key}.blur.jpg", _jpeg(Image.fromarray(apply_blur(sharp, blur)), settings.jpeg_quality)),
         (f"{item.key}.json", json.dumps(meta, sort_keys=True).encode()),
     ]
     return "ok", members
@@ -103,11 +103,11 @@ def make_sample(item: Item, settings: ShardSettings):
 
 # ----------------------------------------------------------------------------- planning
 
-def discover(src: Path, settings: ShardSettings, limit: int | None):
-    """(items, skipped, split rule) for a source folder; raises if it is missing or empty."""
+def discover(src: Path, out: Path, settings: ShardSettings, limit: int | None):
+    """(items, skipped, split rule) for a source folder; raises if it is missing."""
     if not src.is_dir():
         raise FileNotFoundError(f"--src {src} is not a directory")
-    rels = list_files(src)
+    rels = list_files(src, exclude=out)
     if limit is not None:
         rels = rels[:limit]
     partition_path = find_partition(src)
@@ -132,8 +132,6 @@ def discover(src: Path, settings: ShardSettings, limit: int | None):
 
 def fingerprint(shard: Shard, settings: ShardSettings) -> str:
     """What a finished shard must have been built from for a rerun to keep it."""
-    import hashlib
-
     payload = json.dumps({"settings": settings.model_dump(mode="json"), "name": shard.name,
                           "items": [[it.key, it.rel, it.split, it.size] for it in shard.items]},
                          sort_keys=True)
@@ -150,9 +148,9 @@ def finished_record(out: Path, shard: Shard, fp: str) -> dict | None:
         record = json.loads(_record_path(out, shard).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("fingerprint") != fp:
+    if not isinstance(record, dict) or record.get("fingerprint") != fp:
         return None
-    if record["samples"] == 0:
+    if record.get("samples") == 0:
         return record
     tar = out / shard.name
     idx = tar.with_suffix(".idx")
@@ -173,8 +171,6 @@ def write_shard(out: Path, shard: Shard, fp: str, results: list) -> dict:
         tar_bytes, index = build_tar(samples)
         write_atomic(idx_path, index.encode())
         write_atomic(tar_path, tar_bytes)  # last: a final-named tar means a complete shard
-        import hashlib
-
         record["sha256"] = hashlib.sha256(tar_bytes).hexdigest()
     else:  # every input of this shard was unusable: no tar (DALI cannot read an empty one)
         tar_path.unlink(missing_ok=True)
@@ -213,7 +209,7 @@ def make_manifest(plan: list[Shard], records: dict[str, dict], settings: ShardSe
 
 # ----------------------------------------------------------------------------- building
 
-def _parse_part(part) -> tuple[int, int]:
+def _parse_part(part: str | tuple[int, int]) -> tuple[int, int]:
     if isinstance(part, str):
         try:
             i, n = (int(v) for v in part.split("/"))
@@ -228,7 +224,8 @@ def _parse_part(part) -> tuple[int, int]:
 
 def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: float = 0.05,
                  test_fraction: float = 0.05, shard_size: int = 1000, workers: int | None = None,
-                 limit: int | None = None, demo: bool = False, part=None, progress: bool = True,
+                 limit: int | None = None, demo: bool = False,
+                 part: str | tuple[int, int] | None = None, progress: bool = True,
                  blur: BlurConfig | None = None, min_size: int = 64,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Build (or finish building) a shard dataset in ``out``; return its manifest.
@@ -251,9 +248,11 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
         source = str(Path(src).resolve())
     src = Path(src)
     part_i, part_n = _parse_part(part) if part is not None else (0, 1)
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     workers = workers or os.cpu_count() or 1
 
-    items, skipped, rule = discover(src, settings, limit)
+    items, skipped, rule = discover(src, out, settings, limit)
     if not items:
         raise ValueError(f"no images found in {src}")
     out.mkdir(parents=True, exist_ok=True)
@@ -262,6 +261,9 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
     fps = {s.name: fingerprint(s, settings) for s in plan}
 
     mine = [s for n, s in enumerate(plan) if n % part_n == part_i]
+    for s in mine:  # leftovers of a killed run; other parts' .partial files may be in use
+        for leftover in (out / f"{s.name}.partial", out / f"{s.name[:-4]}.idx.partial"):
+            leftover.unlink(missing_ok=True)
     records = {s.name: r for s in mine if (r := finished_record(out, s, fps[s.name]))}
     todo = [s for s in mine if s.name not in records]
     n_items = sum(len(s.items) for s in todo)
@@ -273,11 +275,16 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
     flat = [it for s in todo for it in s.items]
     bar = tqdm(total=n_items, unit="img", desc=f"building {out.name}", disable=not progress)
     with _pool(workers, n_items) as pool:
-        results = pool.imap(work, flat, chunksize=max(1, min(16, n_items // (8 * workers))))\
-            if pool else map(work, flat)
+        if pool is None:
+            results = map(work, flat)
+        else:  # chunks small enough to keep every worker busy to the end
+            chunk = max(1, min(16, n_items // (8 * workers)))
+            results = pool.imap(work, flat, chunksize=chunk)
         for shard in todo:  # imap keeps order, so results arrive shard by shard
-            got = [next(results) for _ in shard.items]
-            bar.update(len(got))
+            got = []
+            for _ in shard.items:
+                got.append(next(results))
+                bar.update()
             records[shard.name] = write_shard(out, shard, fps[shard.name], got)
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -309,8 +316,6 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
 
 def _pool(workers: int, n_items: int):
     """A process pool when it pays off, else a null context (work runs in this process)."""
-    import contextlib
-
     if workers <= 1 or n_items < 2:
         return contextlib.nullcontext(None)
     # spawn, not fork: the parent may already hold threads (torch, tqdm) that fork would copy.
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify is not None:
         from deblur.shard_verify import verify
 
-        problems = verify(args.verify)
+        problems = verify(args.verify, progress=not args.no_progress)
         for problem in problems:
             print(problem, file=sys.stderr)
         print(f"{args.verify}: " + (f"{len(problems)} problems" if problems else "OK"))

@@ -36,15 +36,19 @@ class Shard:
     items: tuple[Item, ...]
 
 
-def list_files(src: Path) -> list[str]:
-    """Relative paths of every non-hidden regular file under ``src``, sorted, partition file excluded.
+def list_files(src: Path, exclude: Path | None = None) -> list[str]:
+    """Relative paths of every non-hidden file under ``src``, sorted; partition file excluded.
+
+    ``exclude`` (the output folder, when it lies inside ``src``) is not searched.
 
     Content decides what is an image (a PNG called .jpg is fine, a text file called .jpg is
     skipped with a reason), so no file is dropped here because of its extension.
     """
     found = []
+    skip = os.path.realpath(exclude) if exclude is not None else None
     for root, dirs, files in os.walk(src):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and os.path.realpath(os.path.join(root, d)) != skip]
         for name in files:
             if name.startswith(".") or name == PARTITION_FILE:
                 continue

@@ -1,0 +1,67 @@
+"""Shard-builder throughput, 1 worker vs all workers on the same input.
+
+    python -m deblur.bench shard --demo --images 2000
+    python -m deblur.bench shard --src ~/data/celeba/img_align_celeba --images 5000
+
+Each run is a fresh build into a temporary folder (decode + blur + encode + tar writing, pool
+start-up included, as a user sees it). Both builds must give the same manifest, which doubles
+as a determinism check. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from deblur import demo
+from deblur.shard import build_shards
+
+
+def demo_folder(folder: Path, images: int) -> Path:
+    """``images`` demo crops (repeated under new names when more are asked than exist)."""
+    crops = sorted(demo.materialize(folder / "once").glob("*.jpg"))
+    src = folder / "src"
+    src.mkdir()
+    for n in range(images):
+        shutil.copyfile(crops[n % len(crops)], src / f"r{n // len(crops)}_{crops[n % len(crops)].name}")
+    return src
+
+
+def timed_build(src: Path, out: Path, images: int, workers: int) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    manifest = build_shards(src, out, limit=images, workers=workers, progress=False)
+    elapsed = time.perf_counter() - t0
+    return elapsed, manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m deblur.bench shard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--src", type=Path, help="folder of images to build from")
+    source.add_argument("--demo", action="store_true", help="use the built-in demo photographs")
+    p.add_argument("--images", type=int, default=2000, help="images per build")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="the 'all workers' count (default: all cores)")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
+        tmp = Path(tmp)
+        src = demo_folder(tmp, args.images) if args.demo else args.src
+        one, m1 = timed_build(src, tmp / "w1", args.images, 1)
+        many, mn = timed_build(src, tmp / "wn", args.images, args.workers)
+    if m1 != mn:
+        raise SystemExit("1-worker and N-worker builds differ: the builder is not deterministic")
+    n = m1["samples"] + len(m1["skipped"])  # images processed, usable or not
+    result = {"bench": "shard", "images": n, "samples": m1["samples"], "workers": args.workers,
+              "images_per_s_1_worker": round(n / one, 1),
+              "images_per_s_all_workers": round(n / many, 1),
+              "speedup": round(one / many, 2), "cpu_count": os.cpu_count()}
+    print(f"1 worker: {n / one:.1f} images/s ({one:.1f} s); {args.workers} workers: "
+          f"{n / many:.1f} images/s ({many:.1f} s); speedup {one / many:.2f}x")
+    print(json.dumps(result))
