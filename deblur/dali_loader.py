@@ -12,6 +12,7 @@ batch size, it leaves the padded batch in the pipeline and the next epoch would 
 from __future__ import annotations
 
 import base64
+import re
 
 import torch
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -19,6 +20,15 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from deblur.dali_pipeline import READER_NAME, pair_pipeline
 from deblur.data import PairOptions, Position, RankPart, ShardError, derived_seed, find_undecodable
+
+
+def dali_summary(message: str) -> str:
+    """DALI's multi-line error, reduced to the operator and what it encountered."""
+    operator = re.search(r"Error in \w+ operator `([^`]+)`", message)
+    encountered = re.search(r"encountered:\s*\n\s*(.+)", message)
+    if operator and encountered:
+        return f"{operator.group(1)}: {encountered.group(1).strip()}"
+    return " ".join(message.split())[:500]
 
 
 class DaliPairLoader(Position):
@@ -55,7 +65,7 @@ class DaliPairLoader(Position):
         files = [str(s.tar) for s in self.part.shards]
         culprit = find_undecodable(self.part)
         where = culprit or f"one of the shards {files} (no undecodable member found by PIL)"
-        return ShardError(f"DALI failed reading {where}: {str(error).strip().splitlines()[0]}")
+        return ShardError(f"DALI failed reading {where}: {dali_summary(str(error))}")
 
     def _next(self) -> dict:
         try:

@@ -96,15 +96,21 @@ class PairStream(IterableDataset):
             rng = random.Random(derived_seed(self.pairs.seed, self.part.rank, self.epoch))
             samples = buffer_shuffle(samples, SHUFFLE_BUFFER, rng)
         pending = []
-        for position, sample in enumerate(samples):
-            batch = position // batch_size
-            if batch >= n_batches:
-                break
-            if batch >= self.start_batch and (batch - self.start_batch) % workers == worker:
-                pending.append(sample)
-                if len(pending) == batch_size:
-                    yield self.decode_batch(pending, batch)
-                    pending = []
+        try:
+            for position, sample in enumerate(samples):
+                batch = position // batch_size
+                if batch >= n_batches:
+                    break
+                if batch >= self.start_batch and (batch - self.start_batch) % workers == worker:
+                    pending.append(sample)
+                    if len(pending) == batch_size:
+                        yield self.decode_batch(pending, batch)
+                        pending = []
+        except ShardError as error:
+            # Sent as data, not raised: a worker that raised was only stopped by the DataLoader's
+            # finalizer after a 5 s join timeout; the main process raises it instead (and the
+            # message, naming the shard, stays short).
+            yield error
 
     def decode_batch(self, samples: list[tuple[str, dict]], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = []
@@ -138,7 +144,10 @@ class TorchPairLoader(Position):
         batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                              pin_memory=self.device.type == "cuda",
                              prefetch_factor=4 if self.num_workers else None)
-        for blurred, sharp in batches:
+        for item in batches:
+            if isinstance(item, ShardError):
+                raise ShardError(*item.args)
+            blurred, sharp = item
             self.batch += 1
             yield self._to_model(blurred), self._to_model(sharp)
         self.epoch, self.batch = self.epoch + 1, 0
