@@ -41,7 +41,10 @@ from deblur.norm import denormalize
 
 
 class StopRequest:
-    """SIGTERM/SIGINT only set a flag; the loop acts on it at the next step boundary."""
+    """SIGTERM/SIGINT only set a flag; the loop acts on it at the next step boundary.
+
+    A second signal aborts at once (e.g. Ctrl-C twice when a rank hangs), without saving.
+    """
 
     def __init__(self) -> None:
         self.requested = False
@@ -49,6 +52,8 @@ class StopRequest:
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: aborting without saving")
         self.requested = True
 
     def agreed(self, accelerator: Accelerator) -> bool:
