@@ -283,7 +283,6 @@ def train(cfg: Config) -> str:
         if (resume_from / "config.yaml").read_text() != config_yaml:
             accelerator.print(f"warning: the config differs from the one saved in {resume_from}")
         accelerator.print(f"resumed from {resume_from} at step {step}")
-    last_saved = step if resume_from is not None else None
 
     init_tracking(cfg, accelerator)
     log = Log(cfg, accelerator)
@@ -293,7 +292,6 @@ def train(cfg: Config) -> str:
     record_path = out / f"batches-rank{accelerator.process_index}.jsonl"
 
     def checkpoint() -> None:
-        nonlocal last_saved
         save_checkpoint(
             accelerator,
             checkpoints,
@@ -303,7 +301,6 @@ def train(cfg: Config) -> str:
             config_yaml,
             keep=cfg.train.keep_checkpoints,
         )
-        last_saved = step
 
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     meters: dict[str, list[float]] = defaultdict(list)
@@ -382,9 +379,7 @@ def train(cfg: Config) -> str:
         paused += time.perf_counter() - pause_start
     progress.close()
 
-    if not stopped:
-        if last_saved != step:  # resumed at max_steps with no newer save needed otherwise
-            checkpoint()
+    if not stopped:  # the last step was checkpointed in the loop (or resumed from)
         test_loader = build_loader(cfg, accelerator, "test", train=False)
         test_metrics = evaluate(accelerator, gan, test_loader)[0] if test_loader is not None else summarize(torch.zeros(5))
         fingerprints = replica_fingerprints(accelerator, gan)
