@@ -42,6 +42,10 @@ JPEG_QUALITY = 95  # blurred member, and the sharp member when the source cannot
 MANIFEST = "manifest.json"
 RECORDS = ".build"  # per-shard completion records (resume and --part)
 DEMO_SOURCE = ".demo-src"  # where --demo materializes its CelebA-shaped folder inside --out
+SHARD_SIZE = 1000  # ~25 MB tars for CelebA: about 200 train shards to spread over ranks
+# The demo has ~300 training crops; small shards still give every rank and loader worker
+# whole shards of its own (webdataset splits by shard, not by sample).
+DEMO_SHARD_SIZE = 64
 
 
 class ShardSettings(BaseModel):
@@ -52,7 +56,7 @@ class ShardSettings(BaseModel):
     seed: int = 0
     val_fraction: float = Field(0.05, ge=0.0, le=1.0)
     test_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    shard_size: int = Field(1000, gt=0)
+    shard_size: int = Field(SHARD_SIZE, gt=0)
     min_size: int = Field(64, gt=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     jpeg_quality: int = Field(JPEG_QUALITY, ge=1, le=100)
@@ -73,11 +77,22 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(item: Item, settings: ShardSettings):
+Members = list[tuple[str, bytes]]  # (tar member name, data) of one sample
+
+
+def make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | str]:
     """Decode, blur and encode one image (runs in a worker process).
 
-    Returns ``("ok", members)`` with the three tar members, or ``("skip", reason)``.
+    Returns ``("ok", members)`` with the three tar members, or ``("skip", reason)`` for an
+    unusable input. Anything else is a bug, raised with the file's name attached.
     """
+    try:
+        return _make_sample(item, settings)
+    except Exception as e:
+        raise RuntimeError(f"{item.rel}: unexpected failure: {type(e).__name__}: {e}") from e
+
+
+def _make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | str]:
     try:
         data = Path(item.path).read_bytes()
     except OSError as e:
@@ -92,10 +107,10 @@ def make_sample(item: Item, settings: ShardSettings):
     blur = draw_params(settings.seed, item.key, (w, h), settings.blur)
     meta = {"key": item.key, "source": item.rel, "split": item.split, "size": [w, h],
             "blur": blur, "sharp_reencoded": not decoded.reusable_jpeg}
+    q = settings.jpeg_quality
     members = [
-        (f"{item.key}.sharp.jpg",
-         data if decoded.reusable_jpeg else _jpeg(decoded.image, settings.jpeg_quality)),
-        (f"{item.key}.blur.jpg", _jpeg(Image.fromarray(apply_blur(sharp, blur)), settings.jpeg_quality)),
+        (f"{item.key}.sharp.jpg", data if decoded.reusable_jpeg else _jpeg(decoded.image, q)),
+        (f"{item.key}.blur.jpg", _jpeg(Image.fromarray(apply_blur(sharp, blur)), q)),
         (f"{item.key}.json", json.dumps(meta, sort_keys=True).encode()),
     ]
     return "ok", members
@@ -103,7 +118,8 @@ def make_sample(item: Item, settings: ShardSettings):
 
 # ----------------------------------------------------------------------------- planning
 
-def discover(src: Path, out: Path, settings: ShardSettings, limit: int | None):
+def discover(src: Path, out: Path, settings: ShardSettings,
+             limit: int | None) -> tuple[list[Item], list[dict], str]:
     """(items, skipped, split rule) for a source folder; raises if it is missing."""
     if not src.is_dir():
         raise FileNotFoundError(f"--src {src} is not a directory")
@@ -124,7 +140,12 @@ def discover(src: Path, out: Path, settings: ShardSettings, limit: int | None):
             split = hash_split(settings.seed, keys[rel], settings.val_fraction,
                                settings.test_fraction)
         path = src / rel
-        items.append(Item(keys[rel], rel, str(path.resolve()), split, path.stat().st_size))
+        try:
+            size = path.stat().st_size
+        except OSError as e:  # e.g. a dangling symlink
+            skipped.append({"path": rel, "reason": f"cannot read: {e.strerror or e}"})
+            continue
+        items.append(Item(keys[rel], rel, str(path.resolve()), split, size))
     rule = (f"CelebA {partition_path.name}" if partition_path
             else "hash of (seed, key) against val/test fractions")
     return items, skipped, rule
@@ -223,19 +244,23 @@ def _parse_part(part: str | tuple[int, int]) -> tuple[int, int]:
 
 
 def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, shard_size: int = 1000, workers: int | None = None,
+                 test_fraction: float = 0.05, shard_size: int | None = None,
+                 workers: int | None = None,
                  limit: int | None = None, demo: bool = False,
                  part: str | tuple[int, int] | None = None, progress: bool = True,
                  blur: BlurConfig | None = None, min_size: int = 64,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Build (or finish building) a shard dataset in ``out``; return its manifest.
 
-    ``part=(I, N)`` or ``"I/N"`` builds only shards I, I+N, ...; the manifest is written (and
+    ``shard_size`` defaults to 1000 samples per tar, or 64 for the demo. ``part=(I, N)`` or
+    ``"I/N"`` builds only shards I, I+N, ...; the manifest is written (and
     returned) by whichever run finds every shard finished, otherwise a dict with
     ``"complete": False`` describing the part is returned.
     """
     settings = ShardSettings(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                             shard_size=shard_size, min_size=min_size, max_pixels=max_pixels,
+                             shard_size=(shard_size if shard_size is not None
+                                         else DEMO_SHARD_SIZE if demo else SHARD_SIZE),
+                             min_size=min_size, max_pixels=max_pixels,
                              blur=blur or BlurConfig())
     out = Path(out)
     if demo:
@@ -269,6 +294,8 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
     n_items = sum(len(s.items) for s in todo)
     if records:
         print(f"resuming: {len(records)} of {len(mine)} shards already built", file=sys.stderr)
+    if todo:  # the folder is about to change: an old manifest must not vouch for it meanwhile
+        (out / MANIFEST).unlink(missing_ok=True)
 
     t0 = time.perf_counter()
     work = functools.partial(make_sample, settings=settings)
@@ -318,8 +345,12 @@ def _pool(workers: int, n_items: int):
     """A process pool when it pays off, else a null context (work runs in this process)."""
     if workers <= 1 or n_items < 2:
         return contextlib.nullcontext(None)
-    # spawn, not fork: the parent may already hold threads (torch, tqdm) that fork would copy.
-    return multiprocessing.get_context("spawn").Pool(workers)
+    # Not fork: the parent may hold threads (torch, tqdm) whose locks fork would copy. The
+    # forkserver imports this module once and forks workers from it, so N workers do not pay
+    # N times for numpy/scipy/PIL imports the way spawn would.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["deblur.shard"])
+    return ctx.Pool(workers)
 
 
 def _remove_stale(out: Path, plan: list[Shard]) -> None:
@@ -346,7 +377,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"samples per tar (default {SHARD_SIZE}; {DEMO_SHARD_SIZE} with --demo)")
     p.add_argument("--limit", type=int, default=None, help="only the first N files (sorted)")
     p.add_argument("--part", default=None, metavar="I/N",
                    help="build only portion I of N (0 <= I < N)")

@@ -37,6 +37,12 @@ def png16_rgb(arr: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+def rotated_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; viewers rotate 90 degrees
+    return exif
+
+
 def flat(mode: str, color, size=(96, 80)) -> Image.Image:
     return Image.new(mode, size, color)
 
@@ -65,6 +71,7 @@ def messy_folder(tmp_path_factory) -> Path:
         "cmyk.jpg": encode(flat("CMYK", (0, 255, 255, 0)), "JPEG", quality=95),
         "gray.jpg": encode(photos[0].convert("L"), "JPEG"),
         "progressive.jpg": encode(photos[1], "JPEG", progressive=True),
+        "rotated.jpg": encode(flat("RGB", (0, 200, 0), (120, 80)), "JPEG", exif=rotated_exif()),
         # broken or unusable
         "zero.jpg": b"",
         "truncated.jpg": jpeg[: len(jpeg) // 2],
@@ -78,6 +85,7 @@ def messy_folder(tmp_path_factory) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     (root / ".hidden.jpg").write_bytes(b"hidden files are not inputs")
+    (root / "dangling.jpg").symlink_to(root / "gone.jpg")
     return root
 
 
@@ -89,6 +97,7 @@ SKIPPED = {
     "small.jpg": "too small: 40x50",
     "bomb.png": "decompression bomb: 400x400",
     "anim.gif": "unsupported format: GIF",
+    "dangling.jpg": "cannot read: No such file",
 }
 
 
@@ -119,7 +128,8 @@ def test_broken_files_are_skipped_with_reasons(messy_build):
 def test_awkward_images_become_8bit_rgb(messy_build):
     _, samples = messy_build
     assert set(samples) == {"plain", "UPPER", "png_named", "photo", "sub_dir_deep", "palette",
-                            "rgba", "gray16", "rgb16", "cmyk", "gray", "progressive"}
+                            "rgba", "gray16", "rgb16", "cmyk", "gray", "progressive",
+                            "rotated"}
 
     def sharp(key):
         im = Image.open(io.BytesIO(samples[key]["sharp.jpg"]))
@@ -133,6 +143,7 @@ def test_awkward_images_become_8bit_rgb(messy_build):
     assert np.abs(sharp("cmyk")[40, 50] - [255, 0, 0]).max() <= 8
     assert np.abs(sharp("rgba")[40, 20] - [0, 0, 255]).max() <= 8  # opaque blue kept
     assert np.abs(sharp("rgba")[40, 80] - [255, 255, 255]).max() <= 8  # transparent -> white
+    assert sharp("rotated").shape == (120, 80, 3)  # EXIF orientation applied: now portrait
     for key, meta in ((k, json.loads(s["json"])) for k, s in samples.items()):
         assert meta["key"] == key
         assert meta["sharp_reencoded"] == (key not in ("plain", "UPPER", "sub_dir_deep")), key

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from deblur import shard as shard_module
 from deblur import tario
 from deblur.shard import build_shards, main
 from deblur.shard_verify import verify
@@ -74,11 +75,20 @@ def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder,
     assert dataset_files(out) == dataset_files(reference)
 
 
-def test_changed_settings_rebuild_everything(tiny_photo_folder, tmp_path):
+def test_changed_settings_rebuild_everything(tiny_photo_folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
     build_shards(tiny_photo_folder, out, **OPTS)
     fresh = tmp_path / "fresh"
     build_shards(tiny_photo_folder, fresh, **(OPTS | {"seed": 4}))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:  # killed before the first new shard is published
+        m.setattr(shard_module, "write_shard", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_shards(tiny_photo_folder, out, **(OPTS | {"seed": 4}))
+    assert not (out / "manifest.json").exists()  # the old manifest no longer vouches for it
     build_shards(tiny_photo_folder, out, **(OPTS | {"seed": 4}))
     assert dataset_files(out) == dataset_files(fresh)
 
