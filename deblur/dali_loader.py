@@ -40,7 +40,7 @@ class DaliPairLoader(Position):
         self._iterator: DALIGenericIterator | None = None
 
     def _build(self) -> DALIGenericIterator:
-        gpu = self.device.type == "cuda"  # the GPU switch: decode with nvJPEG, outputs on device
+        gpu = self.device.type == "cuda"  # the GPU switch: JPEG decoding on the GPU, outputs on it
         pipe = pair_pipeline(
             self.part,
             self.pairs,
@@ -68,11 +68,11 @@ class DaliPairLoader(Position):
         return ShardError(f"DALI failed reading {where}: {dali_summary(str(error))}")
 
     def _next(self) -> dict:
+        """The next batch; StopIteration at the end of the reader's (padded) epoch."""
         try:
             return next(self._iterator)[0]
-        except StopIteration:
-            raise
         except RuntimeError as error:
+            self._iterator = None  # DALI invalidates a pipeline that failed
             raise self._shard_error(error) from error
 
     def _finish_epoch(self) -> None:
@@ -96,9 +96,8 @@ class DaliPairLoader(Position):
         self._finish_epoch()
 
     def state_dict(self) -> dict:
+        # DALI's checkpoint is serialized protobuf bytes: base64 keeps the state JSON-able.
         checkpoint = self._iterator.checkpoints()[0] if self._iterator is not None else self._checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = checkpoint.encode("latin-1")
         encoded = None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii")
         return {**self.position(), "dali_checkpoint": encoded}
 

@@ -48,7 +48,10 @@ def decode_member(data: bytes, image_size: int, where: str) -> np.ndarray:
     """JPEG bytes -> (S, S, 3) uint8, resized with PIL's antialiased bilinear (triangle) filter."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+            # No draft() (DCT-domain downscale): ~1.6x faster, but it moves this reference
+            # backend away from DALI's full decode (3-4% of values off by > 0.05 instead of 0.2%).
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            return np.asarray(rgb.resize((image_size, image_size), Image.BILINEAR))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ShardError(f"cannot decode {where}: {error}") from error
 

@@ -1,0 +1,201 @@
+"""Input-pipeline benchmark, all on the same pairs in one run.
+
+    python -m deblur.bench loader --shards shards/demo [--batch-size 64] [--seconds 20]
+
+Measures (blurred, sharp) pairs per second of one split's pairs for
+
+* ``dali``: ``make_loader(backend="dali")`` (shuffle and flip on, as in training);
+* ``torch``: ``make_loader(backend="torch")`` (webdataset + DataLoader, same settings);
+* ``original``: the original project's way: the same pairs exported once to two folders of PNG
+  files with identical names, read with PIL + torchvision Resize/ToTensor/Normalize, a shuffling
+  torch DataLoader with as many workers as cores;
+* ``raw_decode``: the machine's JPEG decode rate for the same pairs, decode only, all cores: the
+  faster of ``raw_decode_pil`` (both members decoded by PIL from bytes already in memory, one
+  process per worker) and ``raw_decode_dali`` (a DALI pipeline of just the webdataset reader and
+  the CPU decoder, as many threads as workers).
+
+Each rate excludes the first batch (pipeline build, worker start-up) and then runs whole
+epochs back to back for ``--seconds``. Prints a table with each rate's ratio to the original
+way and its fraction of the raw decode rate; the last line is one JSON object in pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm import tqdm
+
+from deblur.data import MEMBERS, find_shards, index_rows, make_loader, usable_cores
+from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m deblur.bench loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", type=Path, required=True, help="shard dataset folder")
+    parser.add_argument("--split", default="train", help="split to read (default train)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per method")
+    parser.add_argument("--workers", type=int, default=usable_cores(),
+                        help="DALI threads / DataLoader workers / decode processes (default: cores)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where to export the PNG folders (default: a temporary folder)")
+    return parser.parse_args(argv)
+
+
+def read_pairs(shards: Path, split: str) -> list[tuple[str, bytes, bytes]]:
+    """(key, blurred JPEG, sharp JPEG) of every sample of the split, read by index offsets."""
+    pairs = []
+    for shard in find_shards(shards, split):
+        with shard.tar.open("rb") as tar:
+            for members in index_rows(shard.idx):
+                data = []
+                for ext in MEMBERS:
+                    offset, size, name = members[ext]
+                    tar.seek(offset)
+                    data.append(tar.read(size))
+                pairs.append((name.split(".", 1)[0], *data))
+    return pairs
+
+
+def export_png_folders(pairs: list[tuple[str, bytes, bytes]], root: Path) -> tuple[Path, Path]:
+    """The original project's layout: blurred/<key>.png and sharp/<key>.png."""
+    folders = root / "blurred", root / "sharp"
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    for key, *members in tqdm(pairs, desc="export PNG folders", unit="pair"):
+        for folder, data in zip(folders, members):
+            Image.open(io.BytesIO(data)).convert("RGB").save(folder / f"{key}.png")
+    return folders
+
+
+class FolderPairs(Dataset):
+    """The original project's dataset: same file name in a blurred and a sharp folder."""
+
+    def __init__(self, blurred: Path, sharp: Path, image_size: int):
+        self.blurred, self.sharp = blurred, sharp
+        self.names = sorted(p.name for p in blurred.iterdir())
+        self.transform = transforms.Compose([
+            transforms.Resize((image_size, image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        return tuple(self.transform(Image.open(folder / self.names[i]).convert("RGB"))
+                     for folder in (self.blurred, self.sharp))
+
+
+def measure(name: str, epoch: Callable[[], Iterable], seconds: float) -> float:
+    """Pairs/s over whole epochs back to back, after a first (warm-up) batch."""
+    start, pairs = None, 0
+    with tqdm(desc=name, unit="pair") as bar:
+        while True:
+            for blurred, _ in epoch():
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if start is None:
+                    start = time.perf_counter()
+                    continue
+                pairs += len(blurred)
+                bar.update(len(blurred))
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    bar.set_postfix(pairs_per_s=f"{pairs / elapsed:.0f}")
+                    return pairs / elapsed
+
+
+_decode_pairs: list[tuple[str, bytes, bytes]] = []
+
+
+def _keep_pairs(pairs):
+    global _decode_pairs
+    _decode_pairs = pairs
+
+
+def _decode_for(args: tuple[int, int, float]) -> tuple[int, float]:
+    """Decode both members of this worker's share of the pairs, round and round, for ``seconds``."""
+    worker, workers, seconds = args
+    mine = _decode_pairs[worker::workers] or _decode_pairs
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _, blurred, sharp = mine[done % len(mine)]
+        for data in (blurred, sharp):
+            Image.open(io.BytesIO(data)).load()
+        done += 1
+    return done, time.perf_counter() - start
+
+
+def raw_decode_rate(pairs, workers: int, seconds: float) -> float:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_keep_pairs, initargs=(pairs,)) as pool:
+        pool.map(_decode_for, [(w, workers, 0.5) for w in range(workers)])  # warm-up
+        results = pool.map(_decode_for, [(w, workers, seconds) for w in range(workers)])
+    return sum(done / elapsed for done, elapsed in results)
+
+
+@pipeline_def
+def decode_only_pipeline(shards: Path, split: str):
+    found = find_shards(shards, split)
+    jpegs = fn.readers.webdataset(paths=[str(s.tar) for s in found], index_paths=[str(s.idx) for s in found],
+                                  ext=list(MEMBERS))
+    return tuple(fn.decoders.image(member, device="cpu", output_type=types.RGB) for member in jpegs)
+
+
+def dali_decode_rate(shards: Path, split: str, batch_size: int, workers: int, seconds: float) -> float:
+    pipe = decode_only_pipeline(shards, split, batch_size=batch_size, num_threads=workers, device_id=None)
+    pipe.build()
+
+    def batches():
+        while True:
+            yield pipe.run()
+
+    return measure("raw decode (DALI)", batches, seconds)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    pairs = read_pairs(args.shards, args.split)
+    print(f"{len(pairs)} {args.split} pairs from {args.shards}, batch {args.batch_size}, "
+          f"{args.image_size}x{args.image_size}, {args.workers} workers, {args.seconds:g} s per method")
+    loader_options = dict(batch_size=args.batch_size, image_size=args.image_size, shuffle=True,
+                          flip=True, num_workers=args.workers)
+    rates = {}
+    for backend in ("dali", "torch"):
+        loader = make_loader(args.shards, args.split, backend=backend, **loader_options)
+        rates[backend] = measure(backend, lambda: loader, args.seconds)
+        del loader
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        folders = FolderPairs(*export_png_folders(pairs, Path(tmp)), image_size=args.image_size)
+        original = DataLoader(folders, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              num_workers=args.workers)
+        rates["original"] = measure("original", lambda: original, args.seconds)
+    rates["raw_decode_pil"] = raw_decode_rate(pairs, args.workers, args.seconds)
+    rates["raw_decode_dali"] = dali_decode_rate(args.shards, args.split, args.batch_size, args.workers, args.seconds)
+    rates["raw_decode"] = max(rates["raw_decode_pil"], rates["raw_decode_dali"])
+
+    print(f"\n{'method':<12}{'pairs/s':>10}{'x original':>12}{'of raw decode':>15}")
+    for name, rate in rates.items():
+        print(f"{name:<12}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / rates['raw_decode']:>15.2f}")
+    summary = {name: round(rate, 1) for name, rate in rates.items()}
+    summary.update(
+        dali_x_original=round(rates["dali"] / rates["original"], 2),
+        dali_fraction_of_raw_decode=round(rates["dali"] / rates["raw_decode"], 2),
+        raw_decode_method="max of PIL (process per worker, bytes in memory) and DALI CPU decode-only",
+        pairs=len(pairs), batch_size=args.batch_size, workers=args.workers,
+    )
+    print(json.dumps(summary))
