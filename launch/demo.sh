@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m deblur.shard --demo --out shards/demo
-echo "Demo shards are in shards/demo. Training is not implemented yet (issue 4)."
+# Train (one process; rerunning resumes). Extra args are config overrides, e.g. train.max_steps=50.
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python launch/train.py --config configs/demo.yaml "$@"

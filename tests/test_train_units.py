@@ -1,0 +1,68 @@
+"""Fast in-process checks of the trainer's building blocks (the DDP runs are in test_train.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deblur.checkpoint import complete_checkpoints, latest_checkpoint, remove_partial_saves, step_dir_name
+from deblur.gan import bce_towards, frozen, ssim_loss, summarize
+from deblur.models import Discriminator
+from deblur.norm import normalize
+
+
+def make_checkpoint(root, step, complete=True):
+    path = root / step_dir_name(step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / "trainer.json").write_text("{}")
+    return path
+
+
+def test_latest_checkpoint_ignores_partial_saves(tmp_path):
+    assert latest_checkpoint(tmp_path / "missing") is None
+    make_checkpoint(tmp_path, 100)
+    newest_complete = make_checkpoint(tmp_path, 200)
+    make_checkpoint(tmp_path, 300, complete=False)  # no trainer.json: never finished
+    (tmp_path / ".tmp-step-0000400").mkdir()
+    assert latest_checkpoint(tmp_path) == newest_complete
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [100, 200]
+    remove_partial_saves(tmp_path)
+    assert not (tmp_path / ".tmp-step-0000400").exists() and newest_complete.exists()
+
+
+def test_step_dirs_sort_numerically_past_seven_digits(tmp_path):
+    make_checkpoint(tmp_path, 9_999_999)
+    big = make_checkpoint(tmp_path, 10_000_000)
+    assert latest_checkpoint(tmp_path) == big
+
+
+def test_ssim_loss_is_zero_for_identical_images_and_grows_with_blur():
+    sharp = normalize(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    blurred = torch.nn.functional.avg_pool2d(sharp, 5, 1, 2)
+    assert ssim_loss(sharp, sharp).item() < 1e-6
+    assert ssim_loss(blurred, sharp).item() > 0.1
+    assert ssim_loss(sharp.half(), sharp).dtype == torch.float32  # measured in float32 whatever the input
+
+
+def test_bce_towards_labels():
+    logits = torch.tensor([10.0, -10.0])
+    assert bce_towards(logits[:1], real=True) < 1e-3 and bce_towards(logits[1:], real=False) < 1e-3
+    assert bce_towards(logits[:1], real=False) > 5
+
+
+def test_frozen_blocks_weight_gradients_but_not_input_gradients():
+    d = Discriminator()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    with frozen(d):
+        d(x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in d.parameters())
+    assert all(p.requires_grad for p in d.parameters())  # restored afterwards
+
+
+def test_summarize_means_and_empty_split():
+    sums = torch.tensor([60.0, 1.5, 45.0, 1.2, 3.0])
+    assert summarize(sums) == pytest.approx({"psnr_restored": 20.0, "ssim_restored": 0.5, "psnr_blurred": 15.0,
+                                             "ssim_blurred": 0.4, "images": 3})
+    empty = summarize(torch.zeros(5))
+    assert empty["images"] == 0 and empty["psnr_restored"] != empty["psnr_restored"]  # NaN
