@@ -1,0 +1,78 @@
+"""Built-in demo data: real photographs bundled with scikit-image, cut into CelebA-sized crops.
+
+``materialize(folder)`` writes a CelebA-shaped folder (178x218 JPEG crops plus a
+``list_eval_partition.txt``) so the demo goes through exactly the code path real CelebA takes.
+The split is by photograph: validation and test crops come from photographs that no training
+crop was cut from. Only files shipped inside the scikit-image wheel are used (no download).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import skimage.data
+from PIL import Image
+
+from deblur.images import load_rgb
+from deblur.sources import PARTITION_FILE
+from deblur.tario import write_atomic
+
+CROP_W, CROP_H = 178, 218  # CelebA's img_align_celeba size
+SCALES = (1.0, 0.85, 0.7, 0.55)
+JPEG_QUALITY = 95
+# photograph file in skimage.data's folder -> CelebA partition code (0 train, 1 val, 2 test)
+PHOTOS = {
+    "astronaut.png": 0,
+    "camera.png": 0,
+    "ihc.png": 0,
+    "moon.png": 0,
+    "motorcycle_left.png": 0,
+    "coins.png": 0,
+    "chelsea.png": 1,
+    "coffee.png": 2,
+    "rocket.jpg": 2,
+}
+
+
+def _positions(length: int, crop: int) -> list[int]:
+    """Crop offsets about half a crop apart, the last one flush with the far edge."""
+    if length < crop:
+        return []
+    n = math.ceil((length - crop) / (crop / 2)) + 1
+    return sorted({round(i * (length - crop) / max(n - 1, 1)) for i in range(n)})
+
+
+def crops() -> list[tuple[str, int, Image.Image]]:
+    """(file name, partition code, RGB crop) for every demo crop, in a fixed order."""
+    out = []
+    data_dir = Path(skimage.data.data_dir)
+    for photo, code in PHOTOS.items():
+        full = load_rgb(data_dir / photo)
+        for scale in SCALES:
+            size = (round(full.width * scale), round(full.height * scale))
+            im = full if scale == 1.0 else full.resize(size, Image.Resampling.LANCZOS)
+            for y in _positions(im.height, CROP_H):
+                for x in _positions(im.width, CROP_W):
+                    name = f"{Path(photo).stem}_s{round(scale * 100):03d}_x{x:04d}_y{y:04d}.jpg"
+                    out.append((name, code, im.crop((x, y, x + CROP_W, y + CROP_H))))
+    return out
+
+
+def materialize(folder: Path) -> Path:
+    """Write the demo crops and their partition file into ``folder`` (idempotent); return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, code, im in crops():
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=JPEG_QUALITY)
+        path = folder / name
+        # Unchanged files are left alone, so concurrent --part runs never rewrite each other's.
+        if not path.is_file() or path.read_bytes() != buf.getvalue():
+            write_atomic(path, buf.getvalue())
+        lines.append(f"{name} {code}\n")
+    partition = "".join(lines).encode()
+    if not (folder / PARTITION_FILE).is_file() or (folder / PARTITION_FILE).read_bytes() != partition:
+        write_atomic(folder / PARTITION_FILE, partition)
+    return folder
