@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
+from deblur.images import ImageError, load_rgb
 from deblur.models import Generator
 from deblur.norm import denormalize, normalize
 from deblur.weights import load_generator
@@ -95,13 +96,13 @@ def restore_tiles(generator: Generator, unit: torch.Tensor, batch_size: int = 64
 
 
 def read_rgb(path: Path) -> torch.Tensor:
-    """Read an image file as a (1, 3, H, W) float tensor in [0, 1], EXIF orientation applied."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            array = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from e
+    """Read an image file as a (1, 3, H, W) float tensor in [0, 1].
+
+    The shard builder's reader: every format it accepts (JPEG/PNG/WebP by content, EXIF
+    orientation, 16-bit, palette, alpha) reads here too, and failures raise ``ImageError``
+    naming the file.
+    """
+    array = np.asarray(load_rgb(path), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
 
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     for src, dst in bar:
         try:
             unit = read_rgb(src).to(device)
-        except ValueError as e:
+        except ImageError as e:
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed.append(src)
             continue
