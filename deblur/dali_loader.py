@@ -1,0 +1,99 @@
+"""``backend="dali"``: the pipeline of deblur.dali_pipeline behind the PairLoader interface.
+
+Epoch bookkeeping: the reader pads every rank's part to the same whole number of batches
+(``pad_last_batch``), and the iterator runs with ``LastBatchPolicy.FILL`` so one iterator epoch
+is exactly one reader epoch. Of those ``ceil(ceil(N/W)/B)`` batches the loader yields the first
+``(N//W)//B`` (equal on all ranks) and decodes-and-discards the rest (at most one batch, which
+holds the remainder and the padding): that is the DROP policy of deblur.data. DALI's own DROP
+policy is not used because, with parts of unequal length whose shorter one is a multiple of the
+batch size, it leaves the padded batch in the pipeline and the next epoch would start with it.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import torch
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from deblur.dali_pipeline import READER_NAME, pair_pipeline
+from deblur.data import PairOptions, Position, RankPart, ShardError, derived_seed, find_undecodable
+
+
+class DaliPairLoader(Position):
+    backend = "dali"
+
+    def __init__(self, part: RankPart, pairs: PairOptions, **runtime):
+        super().__init__(part, pairs, **runtime)
+        self._checkpoint: bytes | None = None  # restored DALI state, used by the next build
+        self._iterator: DALIGenericIterator | None = None
+
+    def _build(self) -> DALIGenericIterator:
+        gpu = self.device.type == "cuda"  # the GPU switch: decode with nvJPEG, outputs on device
+        pipe = pair_pipeline(
+            self.part,
+            self.pairs,
+            gpu=gpu,
+            batch_size=self.part.batch_size,
+            num_threads=self.num_workers,
+            device_id=self.device.index if gpu else None,
+            seed=derived_seed(self.pairs.seed, self.part.rank, 1),
+            prefetch_queue_depth=2,
+            enable_checkpointing=True,
+            checkpoint=self._checkpoint,
+        )
+        try:
+            return DALIGenericIterator(
+                [pipe], ["blurred", "sharp"], reader_name=READER_NAME,
+                last_batch_policy=LastBatchPolicy.FILL, auto_reset=True,
+            )
+        except RuntimeError as error:
+            raise self._shard_error(error) from error
+
+    def _shard_error(self, error: Exception) -> ShardError:
+        files = [str(s.tar) for s in self.part.shards]
+        culprit = find_undecodable(self.part)
+        where = culprit or f"one of the shards {files} (no undecodable member found by PIL)"
+        return ShardError(f"DALI failed reading {where}: {str(error).strip().splitlines()[0]}")
+
+    def _next(self) -> dict:
+        try:
+            return next(self._iterator)[0]
+        except StopIteration:
+            raise
+        except RuntimeError as error:
+            raise self._shard_error(error) from error
+
+    def _finish_epoch(self) -> None:
+        # Decode and discard the reader's tail batch (remainder + padding), see module doc.
+        while True:
+            try:
+                self._next()
+            except StopIteration:  # auto_reset: the iterator is at the next epoch's start
+                break
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def __iter__(self):
+        if self._iterator is None:
+            self._iterator = self._build()
+        if self.batch >= len(self):
+            self._finish_epoch()
+        while self.batch < len(self):
+            out = self._next()
+            self.batch += 1
+            yield out["blurred"], out["sharp"]
+        self._finish_epoch()
+
+    def state_dict(self) -> dict:
+        checkpoint = self._iterator.checkpoints()[0] if self._iterator is not None else self._checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = checkpoint.encode("latin-1")
+        encoded = None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii")
+        return {**self.position(), "dali_checkpoint": encoded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restore_position(state)
+        encoded = state.get("dali_checkpoint")
+        self._checkpoint = None if encoded is None else base64.b64decode(encoded)
+        self._iterator = None  # rebuilt from the checkpoint on the next iteration

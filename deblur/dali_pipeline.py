@@ -1,0 +1,57 @@
+"""The DALI graph: shard reader -> JPEG decode -> resize -> normalize + shared flip.
+
+Kept apart from the iterator code (as in DALI's efficientnet example) so the graph reads on
+its own. The only device-dependent line is the decoder's ``device``: "mixed" decodes on the
+GPU (nvJPEG) and leaves the images there; "cpu" decodes with libjpeg-turbo on DALI's threads.
+"""
+
+from __future__ import annotations
+
+from nvidia.dali import fn, pipeline_def, types
+
+from deblur.data import MEMBERS, PairOptions, RankPart, derived_seed
+from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+
+READER_NAME = "Reader"
+
+
+@pipeline_def
+def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool):
+    blurred, sharp = fn.readers.webdataset(
+        paths=[str(s.tar) for s in part.shards],
+        index_paths=[str(s.idx) for s in part.shards],
+        ext=list(MEMBERS),
+        # An undecodable or missing member must fail loudly, never be skipped.
+        missing_component_behavior="error",
+        shard_id=part.rank,
+        num_shards=part.world_size,
+        # Every rank keeps its own contiguous part each epoch (see deblur.data); padding makes
+        # all parts the same whole number of batches, so every epoch starts at the start of the
+        # part instead of wrapping into the next epoch's samples.
+        stick_to_shard=True,
+        pad_last_batch=True,
+        random_shuffle=pairs.shuffle,
+        # The builder shuffled globally; the buffer only decorrelates neighbouring batches.
+        initial_fill=1024,
+        seed=derived_seed(pairs.seed, part.rank, 0),
+        prefetch_queue_depth=2,
+        name=READER_NAME,
+    )
+    mirror = fn.random.coin_flip(probability=0.5) if pairs.flip else 0  # one coin for both members
+    return _prepare(blurred, pairs.image_size, gpu, mirror), _prepare(sharp, pairs.image_size, gpu, mirror)
+
+
+def _prepare(jpegs, image_size: int, gpu: bool, mirror):
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    # Triangular (linear + antialias) filter: the same as PIL's BILINEAR when downscaling, so
+    # the torch backend matches it within JPEG-decoder tolerance.
+    images = fn.resize(images, resize_x=image_size, resize_y=image_size,
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255.0 * m for m in IMAGENET_MEAN],
+        std=[255.0 * s for s in IMAGENET_STD],
+        mirror=mirror,
+    )

@@ -1,0 +1,291 @@
+"""Training input: ``make_loader`` over a shard folder, with a DALI or a torch backend.
+
+Both backends follow one definition of what an epoch is, so that they are interchangeable and
+a test can compare them:
+
+* The split's samples, in **stored order**, are the shards sorted by name (``train-000000.tar``,
+  ``train-000001.tar``, ...) and, inside each shard, the members in tar order (the order of the
+  ``.idx`` lines). Call that list ``0 .. N-1``.
+* Rank ``r`` of ``W`` owns the contiguous part ``[floor(N*r/W), floor(N*(r+1)/W))``: exactly
+  how DALI's readers cut a dataset with ``shard_id``/``num_shards`` (its ``start_index``), and
+  the ranks' parts are disjoint and cover every sample.
+* Each rank reads only its part (``stick_to_shard``: the part does not rotate between epochs;
+  the builder shuffled the samples globally, so every part is a random subset) and yields
+  ``len(loader) = (N // W) // batch_size`` full batches per epoch, the same number on every
+  rank so DDP ranks never wait on each other. The remainder (fewer than a batch, plus the one
+  extra sample a longer part may have) is dropped: **last-batch policy DROP**.
+* ``shuffle=True``: the order inside the rank's part is shuffled with a buffer (DALI reader's
+  ``initial_fill`` semantics; the torch backend does the same with a seeded buffer); it differs
+  every epoch and is fully determined by ``(seed, rank, epoch)``.
+* ``flip=True``: one coin per pair; the blurred and the sharp image are mirrored together.
+
+``loader.state_dict()`` saves the position (epoch, batches consumed, and for DALI the pipeline's
+own checkpoint); ``load_state_dict`` before iterating resumes with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+Backend = Literal["dali", "torch"]
+SPLITS = ("train", "val", "test")
+MEMBERS = ("blur.jpg", "sharp.jpg")  # reader output order: (blurred, sharp)
+
+
+class ShardError(RuntimeError):
+    """A shard (tar or its index) is missing, truncated, corrupt or holds an undecodable member."""
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    tar: Path
+    idx: Path
+    samples: int
+
+
+@dataclass(frozen=True)
+class RankPart:
+    """The split's shards in stored order and the contiguous sample range one rank owns."""
+
+    shards: tuple[ShardFile, ...]
+    rank: int
+    world_size: int
+    batch_size: int
+
+    @property
+    def total(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def start(self) -> int:
+        return self.total * self.rank // self.world_size
+
+    @property
+    def stop(self) -> int:
+        return self.total * (self.rank + 1) // self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        # The shortest part has N // W samples; every rank stops there (DROP policy).
+        return (self.total // self.world_size) // self.batch_size
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """What each pair looks like and how an epoch is ordered (besides the rank layout)."""
+
+    image_size: int
+    seed: int
+    shuffle: bool
+    flip: bool
+
+
+class Position:
+    """A loader's settings, and its position: epoch and batches consumed in it.
+
+    The base of both backends' loaders: restoring a position saved under different settings
+    (another split, batch size, rank layout, seed) would silently yield other batches, so it
+    is refused, naming the differing keys.
+    """
+
+    backend = ""  # set by each backend's subclass
+
+    def __init__(self, part: RankPart, pairs: PairOptions, *, device: torch.device, num_workers: int):
+        self.part = part
+        self.pairs = pairs
+        self.device = device
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.batch = 0
+        self.settings = {
+            "backend": self.backend,
+            "shards": [s.tar.name for s in part.shards],
+            "samples": part.total,
+            "rank": part.rank,
+            "world_size": part.world_size,
+            "batch_size": part.batch_size,
+            **asdict(pairs),
+        }
+
+    def __len__(self) -> int:
+        return self.part.batches_per_epoch
+
+    def position(self) -> dict:
+        return {"settings": self.settings, "epoch": self.epoch, "batch": self.batch}
+
+    def restore_position(self, state: dict) -> None:
+        saved = state.get("settings", {})
+        differing = sorted(k for k in self.settings.keys() | saved.keys() if saved.get(k) != self.settings.get(k))
+        if differing:
+            raise ValueError(f"loader state was saved with other settings: {differing} differ "
+                             f"(saved {[saved.get(k) for k in differing]}, "
+                             f"now {[self.settings.get(k) for k in differing]})")
+        if not 0 <= state["batch"] <= len(self):
+            raise ValueError(f"loader state batch {state['batch']} is outside an epoch of {len(self)} batches")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class PairLoader(Protocol):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __len__(self) -> int: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def index_path(tar: Path) -> Path:
+    """``train-000000.tar`` -> ``train-000000.idx`` (the shard contract: same name, .idx)."""
+    return tar.with_suffix(".idx")
+
+
+def read_index(tar: Path) -> int:
+    """Validate a shard's DALI index against its tar cheaply; return its sample count.
+
+    DALI reads members at the index's offsets without looking at the tar headers, so a stale
+    index or a truncated tar would surface deep inside the pipeline; here it names the file.
+    """
+    idx = index_path(tar)
+    if not idx.is_file():
+        raise ShardError(f"missing index {idx} for shard {tar} (build it with wds2idx)")
+    lines = idx.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
+        raise ShardError(f"{idx}: not a wds2idx v1.2 index (first line {lines[:1]}) for shard {tar}")
+    count, rows = int(head[1]), lines[1:]
+    if len(rows) != count:
+        raise ShardError(f"{idx}: header says {count} samples but lists {len(rows)}, shard {tar}")
+    tar_size = tar.stat().st_size
+    try:
+        samples = index_rows(idx)
+    except (ValueError, IndexError) as error:
+        raise ShardError(f"{idx}: malformed index line ({error}) for shard {tar}") from error
+    for row_no, members in enumerate(samples, start=2):
+        for ext in MEMBERS:
+            if ext not in members:
+                raise ShardError(f"{idx} line {row_no}: sample has no .{ext} member, shard {tar}")
+            offset, size, _ = members[ext]
+            if offset + size > tar_size:
+                raise ShardError(
+                    f"shard {tar} is truncated or does not match its index: .{ext} member at "
+                    f"{offset}+{size} bytes but the tar has {tar_size} bytes ({idx} line {row_no})"
+                )
+    return count
+
+
+def index_rows(idx: Path) -> list[dict[str, tuple[int, int, str]]]:
+    """One dict per sample: member ext -> (data offset, size, member name)."""
+    rows = []
+    for row in idx.read_text().splitlines()[1:]:
+        fields = row.split()
+        rows.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                     for i in range(0, len(fields) - 3, 4)})
+    return rows
+
+
+def find_undecodable(part: RankPart) -> str | None:
+    """Name the first shard member PIL cannot decode, or None: the diagnosis after a failure.
+
+    DALI reports a failed decode without the file; this scan (only run on the error path)
+    turns that into "shard X, member Y".
+    """
+    for shard in part.shards:
+        with shard.tar.open("rb") as tar:
+            for members in index_rows(shard.idx):
+                for ext in MEMBERS:
+                    offset, size, name = members[ext]
+                    tar.seek(offset)
+                    try:
+                        with Image.open(io.BytesIO(tar.read(size))) as image:
+                            image.convert("RGB")
+                    except (OSError, ValueError, Image.DecompressionBombError) as error:
+                        return f"shard {shard.tar} member {name} ({error})"
+    return None
+
+
+def find_shards(shards: Path | str, split: str) -> tuple[ShardFile, ...]:
+    """The split's shard files in stored order, each checked against its index."""
+    root = Path(shards)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"shard folder {root} does not exist")
+    pattern = re.compile(rf"{split}-\d{{6}}\.tar")
+    tars = sorted(p for p in root.iterdir() if pattern.fullmatch(p.name))
+    if not tars:
+        raise ShardError(f"no shards for split {split!r} in {root} (expected {split}-NNNNNN.tar)")
+    found = tuple(ShardFile(tar, index_path(tar), read_index(tar)) for tar in tars)
+    if sum(s.samples for s in found) == 0:
+        raise ShardError(f"split {split!r} in {root} has shards but no samples: {[str(t) for t in tars]}")
+    return found
+
+
+def derived_seed(*values: int) -> int:
+    """A well-mixed non-negative 31-bit seed from several integers (seed, rank, epoch, ...)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """None -> the process's current CUDA device when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def make_loader(
+    shards: Path | str,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    flip: bool = True,
+    backend: Backend = "dali",
+    device: torch.device | str | None = None,
+    num_workers: int | None = None,
+) -> PairLoader:
+    """Batches of ``(blurred, sharp)`` normalized float32 (B, 3, S, S) tensors on ``device``.
+
+    ``device=None`` is the process's current CUDA device when it has one, else the CPU; it is
+    also what selects GPU ("mixed") JPEG decoding in the DALI backend. ``num_workers``: DALI
+    CPU threads or torch DataLoader worker processes; None = this process's usable cores
+    (pass cores // local ranks when several ranks share a machine).
+    """
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    part = RankPart(find_shards(shards, split), rank, world_size, batch_size)
+    if part.batches_per_epoch == 0:
+        raise ShardError(
+            f"split {split!r} in {shards} has {part.total} samples: fewer than one batch of "
+            f"{batch_size} per rank for world_size {world_size}"
+        )
+    pairs = PairOptions(image_size=image_size, seed=seed, shuffle=shuffle, flip=flip)
+    runtime = dict(device=resolve_device(device), num_workers=num_workers or usable_cores())
+    if backend == "dali":
+        from deblur.dali_loader import DaliPairLoader
+
+        return DaliPairLoader(part, pairs, **runtime)
+    if backend == "torch":
+        from deblur.torch_loader import TorchPairLoader
+
+        return TorchPairLoader(part, pairs, **runtime)
+    raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")

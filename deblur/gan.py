@@ -1,0 +1,191 @@
+"""One GAN step: one discriminator update, then ``g_updates_per_step`` generator updates.
+
+Each update consumes its own fresh (blurred, sharp) batch from the loader, so one step reads
+``1 + g_updates_per_step`` batches per process:
+
+- D update: restored = G(blurred) without gradients; D sees ONE batch ``cat([sharp, restored])``
+  and is trained with BCE-with-logits towards 1 for sharp and 0 for restored.
+- G update: restored = G(blurred) with gradients; loss = ssim_weight * (1 - SSIM(restored, sharp))
+  + adv_weight * BCE(D(restored), 1). SSIM is pytorch-msssim's on images mapped back to [0, 1],
+  in float32, data_range=1. D again sees ``cat([sharp, restored])`` and only the restored half's
+  logits enter the loss.
+
+Why one concatenated D forward (in both updates):
+- BatchNorm: D's batch statistics are always those of a half-real, half-restored batch, so D
+  normalizes restored images the same way when it is trained and when it grades G.
+- DDP: a BatchNorm module wrapped in DDP and called twice before one backward fails on CUDA
+  with an in-place modification error (DDP re-broadcasts the BN buffers at each forward; CPU
+  does not catch it). One forward per backward cannot hit it. The trainer also wraps both
+  models with ``broadcast_buffers=False``: D's running statistics are never used (D always runs
+  in training mode), so there is nothing worth broadcasting.
+- One forward and one gradient all-reduce per D update instead of two.
+
+Why D is called unwrapped and frozen in the G update: G's loss needs gradients *through* D but
+not *for* D's weights. Calling the DDP wrapper would all-reduce D gradients nobody uses, and
+toggling requires_grad on a DDP-wrapped module's parameters between its own forward and backward
+confuses DDP's reducer. Calling ``accelerator.unwrap_model(D)`` with requires_grad off skips
+both: no D weight gradients are computed, no DDP hooks fire, and only G's optimizer steps.
+
+Non-finite losses: every update all-reduces its loss (and the logged statistics) *before*
+backward. The mean is non-finite on every rank as soon as it is on one, so all ranks skip the
+same update together; skipping on one rank only would leave the others waiting in the gradient
+all-reduce forever.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from pytorch_msssim import ssim
+from torch import nn
+
+from deblur.config import LossConfig, OptimConfig
+from deblur.metrics import psnr
+from deblur.metrics import ssim as ssim_per_image
+from deblur.norm import denormalize
+
+
+def ssim_loss(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+    """1 - mean SSIM of normalized-space images, measured on [0, 1] images in float32."""
+    return 1 - ssim(denormalize(restored.float()), denormalize(sharp.float()), data_range=1.0, size_average=True)
+
+
+def bce_towards(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """BCE-with-logits of every logit towards the 'real' (1) or 'restored' (0) label, in float32."""
+    logits = logits.float()
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """Rank-averaged statistics of one update; ``skipped`` when its loss was non-finite on any rank."""
+
+    skipped: bool
+    stats: dict[str, float]
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """Turn off gradients for ``module``'s weights (inputs still get gradients through it)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class GanStep:
+    """The update rules. Models and optimizers must already be ``accelerator.prepare``-d."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        g_optimizer: torch.optim.Optimizer,
+        d_optimizer: torch.optim.Optimizer,
+        loss: LossConfig,
+        optim: OptimConfig,
+    ) -> None:
+        self.accelerator = accelerator
+        self.generator = generator
+        self.discriminator = discriminator
+        self.g_optimizer = g_optimizer
+        self.d_optimizer = d_optimizer
+        self.loss = loss
+        self.optim = optim
+
+    def _agree(self, stats: dict[str, torch.Tensor]) -> tuple[bool, dict[str, float]]:
+        """All-reduce (mean) the update's statistics; finite only if the loss is finite on every rank."""
+        values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
+        values = self.accelerator.reduce(values, reduction="mean").cpu()
+        return bool(torch.isfinite(values[0])), dict(zip(stats, values.tolist()))
+
+    def _apply(self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.accelerator.backward(loss)
+        if self.optim.grad_clip is not None:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def d_update(self, blurred: torch.Tensor, sharp: torch.Tensor) -> UpdateResult:
+        n = sharp.shape[0]
+        with torch.no_grad(), self.accelerator.autocast():
+            restored = self.generator(blurred)
+        with self.accelerator.autocast():
+            logits = self.discriminator(torch.cat([sharp, restored.to(sharp.dtype)])).float()
+        real_logits, fake_logits = logits[:n], logits[n:]
+        # Mean of the two halves' BCE: real towards 1, restored towards 0.
+        loss = 0.5 * (bce_towards(real_logits, real=True) + bce_towards(fake_logits, real=False))
+        finite, stats = self._agree(
+            {
+                "d/loss": loss,
+                "d/prob_real": torch.sigmoid(real_logits).mean(),
+                "d/prob_restored": torch.sigmoid(fake_logits).mean(),
+            }
+        )
+        if not finite:
+            self.d_optimizer.zero_grad(set_to_none=True)
+            return UpdateResult(True, stats)
+        self._apply(loss, self.discriminator, self.d_optimizer)
+        return UpdateResult(False, stats)
+
+    def g_update(self, blurred: torch.Tensor, sharp: torch.Tensor) -> UpdateResult:
+        n = sharp.shape[0]
+        critic = self.accelerator.unwrap_model(self.discriminator)
+        # The graph is built while D is frozen, so backward computes no D weight gradients.
+        with frozen(critic), self.accelerator.autocast():
+            restored = self.generator(blurred)
+            fake_logits = critic(torch.cat([sharp, restored.to(sharp.dtype)]))[n:].float()
+        ssim_term = ssim_loss(restored, sharp)
+        adv_term = bce_towards(fake_logits, real=True)
+        loss = self.loss.ssim_weight * ssim_term + self.loss.adv_weight * adv_term
+        finite, stats = self._agree({"g/loss": loss, "g/ssim_loss": ssim_term, "g/adv_loss": adv_term})
+        if not finite:
+            self.g_optimizer.zero_grad(set_to_none=True)
+            return UpdateResult(True, stats)
+        self._apply(loss, self.generator, self.g_optimizer)
+        return UpdateResult(False, stats)
+
+
+@torch.no_grad()
+def restoration_sums(accelerator: Accelerator, generator: nn.Module, blurred: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+    """Sums over one batch of [PSNR restored, SSIM restored, PSNR blurred, SSIM blurred, count].
+
+    Sums (not means) so that batches and ranks of different sizes combine exactly.
+    """
+    with accelerator.autocast():
+        restored = generator(blurred)
+    restored01 = denormalize(restored.float()).clamp(0, 1)
+    blurred01 = denormalize(blurred.float()).clamp(0, 1)
+    sharp01 = denormalize(sharp.float()).clamp(0, 1)
+    return torch.stack(
+        [
+            psnr(restored01, sharp01).sum(),
+            ssim_per_image(restored01, sharp01).sum(),
+            psnr(blurred01, sharp01).sum(),
+            ssim_per_image(blurred01, sharp01).sum(),
+            torch.tensor(float(sharp.shape[0]), device=sharp.device),
+        ]
+    )
+
+
+def summarize(sums: torch.Tensor) -> dict[str, float]:
+    """Turn all-reduced :func:`restoration_sums` into means (NaN when no image was seen)."""
+    total = sums.double().cpu()
+    count = total[4].item()
+    mean = (total[:4] / count).tolist() if count else [float("nan")] * 4
+    return {
+        "psnr_restored": mean[0],
+        "ssim_restored": mean[1],
+        "psnr_blurred": mean[2],
+        "ssim_blurred": mean[3],
+        "images": int(count),
+    }

@@ -1,0 +1,386 @@
+"""The training loop: ``accelerate launch launch/train.py --config configs/ddp.yaml [key=value ...]``.
+
+Read top to bottom: set up Accelerate, models, optimizers and the per-rank loaders; resume from
+the latest complete checkpoint in ``output_dir``; then repeat GAN steps (see deblur/gan.py),
+logging, evaluating, checkpointing, until ``train.max_steps`` or a stop signal; finally write
+``generator.safetensors`` and ``metrics.json`` (test split).
+
+Determinism: every rank seeds the same way before building the models, so all replicas start
+identical (DDP would broadcast rank 0's weights anyway); the training step itself draws no
+random numbers, and the loaders are seeded and resumable, so a resumed run replays exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from deblur.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint, step_dir_name
+from deblur.config import Config, dump_config
+from deblur.data import make_loader, usable_cores
+from deblur.gan import GanStep, restoration_sums, summarize
+from deblur.models import Discriminator, Generator
+from deblur.norm import denormalize
+
+
+class StopRequest:
+    """SIGTERM/SIGINT only set a flag; the loop acts on it at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    # broadcast_buffers=False: DDP would otherwise copy rank 0's BatchNorm buffers into every
+    # replica in place at each forward, which is what breaks a BN module used twice before one
+    # backward on CUDA. D's running statistics are never used (it always runs in train mode),
+    # so each rank keeping its own is harmless. See deblur/gan.py for the full argument.
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="wandb" if cfg.wandb.mode != "disabled" else None,
+        project_dir=str(cfg.output_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
+def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
+    set_seed(cfg.seed)  # the same seed on every rank: identical initial replicas
+    generator = Generator(residual=cfg.model.residual)
+    discriminator = Discriminator()
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    g_optimizer = torch.optim.Adam(generator.parameters(), lr=cfg.optim.g_lr, betas=betas)
+    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.d_lr, betas=betas)
+    # Order matters for checkpoints: model.safetensors is G, model_1.safetensors is D.
+    generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(
+        generator, discriminator, g_optimizer, d_optimizer
+    )
+    return GanStep(accelerator, generator, discriminator, g_optimizer, d_optimizer, cfg.loss, cfg.optim)
+
+
+def split_size(shards: Path, split: str) -> int:
+    manifest_path = shards / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"{manifest_path}: cannot read the shard manifest ({exc}); build shards with python -m deblur.shard") from exc
+    return int(manifest["splits"].get(split, {}).get("samples", 0))
+
+
+def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool):
+    """The DALI/torch loader for this rank, or None for an empty split. Not passed to prepare():
+    each rank reads its own part of the shards already."""
+    if split_size(cfg.data.shards, split) == 0:
+        return None
+    return make_loader(
+        cfg.data.shards,
+        split,
+        batch_size=cfg.data.batch_size,
+        image_size=cfg.data.image_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.seed,
+        shuffle=train,
+        flip=cfg.data.flip and train,
+        backend=cfg.data.loader,
+        device=accelerator.device,
+        num_workers=cfg.data.workers or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
+    )
+
+
+def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches across epoch boundaries (each new iteration of the loader is its next epoch)."""
+    empty_passes = 0
+    while True:
+        empty_passes += 1
+        for batch in loader:
+            empty_passes = 0
+            yield batch
+        # One empty pass is allowed: a loader resumed exactly at the end of an epoch.
+        if empty_passes >= 2:
+            raise RuntimeError(
+                "the training loader yields no batches: too few training samples for this batch size and number of processes"
+            )
+
+
+def init_tracking(cfg: Config, accelerator: Accelerator) -> None:
+    """W&B through Accelerate's tracker (main process only), run directory inside output_dir.
+
+    The run id is kept in output_dir so that a resumed run continues the same W&B run.
+    """
+    if cfg.wandb.mode == "disabled":
+        return
+    id_file = cfg.output_dir / "wandb_run_id.txt"
+    if accelerator.is_main_process and not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    accelerator.wait_for_everyone()
+    init = {
+        "dir": str(cfg.output_dir),
+        "mode": cfg.wandb.mode,
+        "name": cfg.wandb.name or cfg.output_dir.name,
+        "id": id_file.read_text().strip(),
+        "resume": "allow",
+    }
+    if cfg.wandb.entity:
+        init["entity"] = cfg.wandb.entity
+    accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": init})
+
+
+class Log:
+    """Scalars go to the W&B tracker and to output_dir/log.jsonl (main process only)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.use_wandb = cfg.wandb.mode != "disabled"
+        self.path = cfg.output_dir / "log.jsonl"
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log(values, step=step)
+
+    def image(self, key: str, path: Path, step: int) -> None:
+        if self.use_wandb and self.accelerator.is_main_process:
+            import wandb
+
+            self.accelerator.log({key: wandb.Image(str(path))}, step=step)
+
+
+def evaluate(accelerator: Accelerator, gan: GanStep, loader) -> tuple[dict[str, float], tuple[torch.Tensor, ...] | None]:
+    """PSNR/SSIM of restored and of blurred images over this split (all ranks), plus the first batch."""
+    gan.generator.eval()
+    sums = torch.zeros(5, device=accelerator.device, dtype=torch.float64)
+    first = None
+    for blurred, sharp in loader:
+        first = first or (blurred, sharp)
+        sums += restoration_sums(accelerator, gan.generator, blurred, sharp).double()
+    gan.generator.train()
+    return summarize(accelerator.reduce(sums, reduction="sum")), first
+
+
+@torch.no_grad()
+def save_samples(accelerator: Accelerator, gan: GanStep, batch, count: int, path: Path) -> None:
+    """Grid of three rows: blurred | restored | sharp, as [0, 1] images."""
+    blurred, sharp = (t[:count] for t in batch)
+    with accelerator.autocast():
+        restored = gan.generator(blurred)
+    rows = [denormalize(t.float()).clamp(0, 1).cpu() for t in (blurred, restored, sharp)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(torch.cat(rows), nrow=blurred.shape[0], padding=2), path)
+
+
+def replica_fingerprints(accelerator: Accelerator, gan: GanStep) -> list[str]:
+    """sha256 of each rank's G and D parameters: DDP keeps them bitwise identical, and a
+    mismatch means the replicas diverged (buffers are left out: D's BN statistics are per rank)."""
+    digest = hashlib.sha256()
+    for model in (gan.generator, gan.discriminator):
+        for p in accelerator.unwrap_model(model).parameters():
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    from accelerate.utils import gather_object
+
+    return gather_object([digest.hexdigest()])
+
+
+def record_batch(path: Path, step: int, update: int, epoch: int, sharp: torch.Tensor) -> None:
+    """Diagnostic (train.record_batches): hashes of the images this rank consumed."""
+    hashes = [hashlib.sha1(img.cpu().numpy().tobytes()).hexdigest()[:16] for img in sharp]
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"step": step, "update": update, "epoch": epoch, "sharp": hashes}) + "\n")
+
+
+def write_final_outputs(cfg: Config, accelerator: Accelerator, gan: GanStep, step: int, test_metrics: dict, fingerprints: list[str]) -> None:
+    if not accelerator.is_main_process:
+        return
+    generator = accelerator.unwrap_model(gan.generator)
+    weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    metadata = {
+        "format": "deblur-generator",
+        "residual": str(cfg.model.residual).lower(),
+        "image_size": str(cfg.data.image_size),
+        "normalization": "imagenet",
+        "step": str(step),
+    }
+    save_file(weights, str(cfg.output_dir / "generator.safetensors"), metadata=metadata)
+    metrics = {
+        "split": "test",
+        "step": step,
+        **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in test_metrics.items()},
+        "replica_param_sha256": fingerprints,
+    }
+    (cfg.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def train(cfg: Config) -> str:
+    """Run (or resume) training. Returns "finished" or "stopped" (signal; checkpoint saved)."""
+    accelerator = build_accelerator(cfg)
+    stop = StopRequest()
+    torch.backends.cudnn.benchmark = True  # fixed 64x64 shapes: let cuDNN pick its fastest kernels
+    out = cfg.output_dir
+    checkpoints = out / "checkpoints"
+    config_yaml = dump_config(cfg)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(checkpoints)
+        (out / "config.yaml").write_text(config_yaml)
+    accelerator.wait_for_everyone()
+
+    gan = build_models(cfg, accelerator)
+    train_loader = build_loader(cfg, accelerator, "train", train=True)
+    if train_loader is None:
+        raise ValueError(f"{cfg.data.shards}: the train split is empty")
+    val_loader = build_loader(cfg, accelerator, "val", train=False)
+
+    # Resume: the same command continues from the latest complete checkpoint.
+    step, skipped_total, consecutive_skips = 0, 0, 0
+    resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        trainer_state, loader_state = load_checkpoint(accelerator, resume_from)
+        train_loader.load_state_dict(loader_state)
+        step = trainer_state["step"]
+        skipped_total = trainer_state["skipped_total"]
+        consecutive_skips = trainer_state["consecutive_skips"]
+        if (resume_from / "config.yaml").read_text() != config_yaml:
+            accelerator.print(f"warning: the config differs from the one saved in {resume_from}")
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    last_saved = step if resume_from is not None else None
+
+    init_tracking(cfg, accelerator)
+    log = Log(cfg, accelerator)
+    updates_per_step = 1 + cfg.loss.g_updates_per_step
+    batches_per_epoch = len(train_loader)
+    batches = endless(train_loader)
+    record_path = out / f"batches-rank{accelerator.process_index}.jsonl"
+
+    def checkpoint() -> None:
+        nonlocal last_saved
+        save_checkpoint(
+            accelerator,
+            checkpoints,
+            step,
+            train_loader.state_dict(),
+            {"skipped_total": skipped_total, "consecutive_skips": consecutive_skips},
+            config_yaml,
+            keep=cfg.train.keep_checkpoints,
+        )
+        last_saved = step
+
+    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    meters: dict[str, list[float]] = defaultdict(list)
+    # Throughput intervals leave out time spent evaluating and checkpointing (`paused`).
+    interval_start, data_wait, interval_steps, paused = time.perf_counter(), 0.0, 0, 0.0
+    stopped = False
+    while step < cfg.train.max_steps:
+        # One GAN step: a D update, then g_updates_per_step G updates, each on a fresh batch.
+        for update in range(updates_per_step):
+            wait_start = time.perf_counter()
+            blurred, sharp = next(batches)
+            data_wait += time.perf_counter() - wait_start
+            if cfg.train.record_batches:
+                epoch = (step * updates_per_step + update) // batches_per_epoch
+                record_batch(record_path, step, update, epoch, sharp)
+            result = gan.d_update(blurred, sharp) if update == 0 else gan.g_update(blurred, sharp)
+            # All ranks reach the same verdict (the loss was all-reduced), so they skip together.
+            if result.skipped:
+                skipped_total += 1
+                consecutive_skips += 1
+                if consecutive_skips >= cfg.train.max_consecutive_skips:
+                    raise FloatingPointError(
+                        f"step {step}: {consecutive_skips} updates in a row had a non-finite loss "
+                        f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); last stats {result.stats}. "
+                        "Lower the learning rates or use bf16 instead of fp16."
+                    )
+            else:
+                consecutive_skips = 0
+                for key, value in result.stats.items():
+                    meters[key].append(value)
+        step += 1
+        interval_steps += 1
+        progress.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - interval_start - paused
+            per_process = interval_steps * updates_per_step * cfg.data.batch_size / elapsed
+            scalars = {key: sum(v) / len(v) for key, v in meters.items() if v}
+            scalars.update(
+                {
+                    "lr/generator": gan.g_optimizer.param_groups[0]["lr"],
+                    "lr/discriminator": gan.d_optimizer.param_groups[0]["lr"],
+                    "perf/images_per_s": per_process * accelerator.num_processes,
+                    "perf/images_per_s_per_process": per_process,
+                    "perf/data_wait_fraction": data_wait / elapsed,
+                    "skips/total": skipped_total,
+                    "skips/consecutive": consecutive_skips,
+                }
+            )
+            if accelerator.device.type == "cuda":
+                scalars["perf/gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            log.scalars(scalars, step)
+            progress.set_postfix(
+                g=f"{scalars.get('g/loss', float('nan')):.3f}",
+                d=f"{scalars.get('d/loss', float('nan')):.3f}",
+                img_s=f"{per_process * accelerator.num_processes:.0f}",
+            )
+            meters.clear()
+            interval_start, data_wait, interval_steps, paused = time.perf_counter(), 0.0, 0, 0.0
+
+        pause_start = time.perf_counter()
+        if val_loader is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
+            metrics, first = evaluate(accelerator, gan, val_loader)
+            log.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
+            if accelerator.is_main_process and first is not None:
+                sample_path = out / "samples" / f"{step_dir_name(step)}.png"
+                save_samples(accelerator, gan, first, cfg.train.sample_images, sample_path)
+                log.image("samples", sample_path, step)
+
+        stopped = stop.agreed(accelerator)
+        if stopped or step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            checkpoint()
+        if stopped:
+            accelerator.print(f"stop signal: saved {checkpoints / step_dir_name(step)}; rerun the same command to resume")
+            break
+        paused += time.perf_counter() - pause_start
+    progress.close()
+
+    if not stopped:
+        if last_saved != step:  # resumed at max_steps with no newer save needed otherwise
+            checkpoint()
+        test_loader = build_loader(cfg, accelerator, "test", train=False)
+        test_metrics = evaluate(accelerator, gan, test_loader)[0] if test_loader is not None else summarize(torch.zeros(5))
+        fingerprints = replica_fingerprints(accelerator, gan)
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(f"replicas diverged: parameter hashes per rank {fingerprints}")
+        write_final_outputs(cfg, accelerator, gan, step, test_metrics, fingerprints)
+        if test_metrics["images"]:
+            log.scalars({f"test/{k}": v for k, v in test_metrics.items()}, step)
+        else:
+            accelerator.print("warning: no test images; metrics.json holds no test metrics")
+        accelerator.print(f"done: {out / 'generator.safetensors'}, test metrics {test_metrics}")
+    accelerator.end_training()
+    return "stopped" if stopped else "finished"

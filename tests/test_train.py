@@ -1,0 +1,224 @@
+"""The trainer end to end: 2-process DDP on CPU (gloo) over the real loader and tiny shards.
+
+Every run goes through the real entry point, exactly as a user starts it:
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...
+Runs are tiny (batch 2 per process, 12 steps) so the whole file takes a couple of minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil  # a dependency of wandb
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from deblur.config import load_config
+from deblur.models import Generator
+from deblur.shard import build_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+STEPS = 12
+CHECKPOINT_EVERY = 4
+RUN_TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(shards: Path, out: Path, *overrides: str) -> subprocess.Popen:
+    """Start a 2-process CPU run; output goes to out/../<out.name>.log (appended)."""
+    cmd = [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+        f"data.shards={shards}", f"output_dir={out}", "data.batch_size=2", "data.flip=false", "data.workers=1",
+        f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=2",
+        "train.log_every=1", f"train.eval_every={STEPS}", "train.record_batches=true", "wandb.mode=disabled",
+        *overrides,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    log = open(out.parent / f"{out.name}.log", "a")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, out: Path) -> str:
+    try:
+        proc.wait(timeout=RUN_TIMEOUT)
+    finally:
+        kill_all(proc)
+    return (out.parent / f"{out.name}.log").read_text()
+
+
+def run(shards: Path, out: Path, *overrides: str) -> str:
+    proc = start(shards, out, *overrides)
+    text = finish(proc, out)
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its workers (they run in sessions of their own)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared"
+        assert time.monotonic() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.1)
+
+
+def batches(out: Path, rank: int) -> dict[tuple[int, int], dict]:
+    """(step, update) -> record; a replayed step (after SIGKILL) overwrites its first record."""
+    rows = [json.loads(line) for line in (out / f"batches-rank{rank}.jsonl").read_text().splitlines()]
+    return {(r["step"], r["update"]): r for r in rows}
+
+
+def generator_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "generator.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_shards) -> Path:
+    """One uninterrupted run that the other tests compare against."""
+    out = tmp_path_factory.mktemp("train") / "reference"
+    run(tiny_shards, out)
+    return out
+
+
+def test_run_writes_its_outputs(reference):
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["step"] == STEPS and metrics["images"] > 0
+    for key in ("psnr_restored", "ssim_restored", "psnr_blurred", "ssim_blurred"):
+        assert metrics[key] is not None and metrics[key] == metrics[key]
+    assert 10 < metrics["psnr_blurred"] < 40 and 0 < metrics["ssim_blurred"] < 1
+
+    with safe_open(reference / "generator.safetensors", framework="pt") as f:
+        assert f.metadata()["residual"] == "true" and f.metadata()["image_size"] == "64"
+    generator = Generator(residual=True)
+    generator.load_state_dict(generator_weights(reference))  # strict: every key, right shapes
+
+    cfg = load_config(reference / "config.yaml")
+    assert cfg.train.max_steps == STEPS and cfg.output_dir == reference
+    # keep_checkpoints=2: only the last two survive; each one complete.
+    kept = sorted(p.name for p in (reference / "checkpoints").iterdir())
+    assert kept == [f"step-{STEPS - CHECKPOINT_EVERY:07d}", f"step-{STEPS:07d}"]
+    last = reference / "checkpoints" / f"step-{STEPS:07d}"
+    for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin",
+                 "random_states_0.pkl", "random_states_1.pkl", "loader-rank0.json", "loader-rank1.json",
+                 "config.yaml", "trainer.json"):
+        assert (last / name).is_file(), name
+    assert json.loads((last / "trainer.json").read_text())["step"] == STEPS
+    assert (reference / "samples" / f"step-{STEPS:07d}.png").is_file()
+
+
+def test_replicas_hold_identical_parameters(reference):
+    hashes = json.loads((reference / "metrics.json").read_text())["replica_param_sha256"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+
+
+def test_ranks_see_disjoint_data(reference):
+    rank0, rank1 = batches(reference, 0), batches(reference, 1)
+    assert len(rank0) == len(rank1) == STEPS * 4  # 1 D + 3 G updates per step
+    epochs = {r["epoch"] for r in rank0.values()}
+    assert len(epochs) >= 2  # the run crosses epoch boundaries
+    for epoch in epochs:
+        seen = [
+            [h for r in records.values() if r["epoch"] == epoch for h in r["sharp"]] for records in (rank0, rank1)
+        ]
+        assert len(set(seen[0])) == len(seen[0]) and len(set(seen[1])) == len(seen[1])  # no repeats in an epoch
+        assert not set(seen[0]) & set(seen[1])
+
+
+def test_losses_fall_when_overfitting(tiny_photo_folder, tmp_path):
+    # Four training pairs, two per rank and batch: every update sees the same images, so the
+    # SSIM loss must fall steadily and D must learn to tell restored from sharp.
+    shards = tmp_path / "four"
+    build_shards(tiny_photo_folder, shards, val_fraction=0, test_fraction=0, shard_size=8, workers=1, limit=4, progress=False)
+    out = tmp_path / "overfit"
+    run(shards, out, "train.max_steps=15", "optim.g_lr=1e-3", "train.checkpoint_every=100")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "g/ssim_loss" in r]
+    assert len(train_rows) == 15
+    ssim_loss = [r["g/ssim_loss"] for r in train_rows]
+    d_loss = [r["d/loss"] for r in train_rows]
+    assert sum(ssim_loss[-3:]) / 3 < 0.8 * ssim_loss[0], ssim_loss
+    assert sum(d_loss[-3:]) / 3 < 0.5 * d_loss[0], d_loss
+    assert all(r["skips/total"] == 0 for r in train_rows)
+    assert all(r["perf/images_per_s"] > 0 and 0 <= r["perf/data_wait_fraction"] <= 1 for r in train_rows)
+    # No test split: metrics.json says so instead of inventing numbers.
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 0 and metrics["psnr_restored"] is None
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_matches(reference, tiny_shards, tmp_path):
+    out = tmp_path / "sigterm"
+    proc = start(tiny_shards, out)
+    wait_for(out / "checkpoints" / f"step-{CHECKPOINT_EVERY:07d}", proc)
+    proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both workers
+    log = finish(proc, out)
+    assert "stop signal: saved" in log
+    assert not (out / "generator.safetensors").exists()  # stopped early, not finished
+    saved = sorted((out / "checkpoints").iterdir())
+    assert all(p.name.startswith("step-") for p in saved)  # nothing half-written is visible
+    stopped_at = json.loads((saved[-1] / "trainer.json").read_text())["step"]
+    assert CHECKPOINT_EVERY <= stopped_at < STEPS
+
+    log = run(tiny_shards, out)
+    assert f"resumed from {saved[-1]} at step {stopped_at}" in log
+    assert_same_weights(generator_weights(out), generator_weights(reference))
+    for rank in (0, 1):
+        assert batches(out, rank) == batches(reference, rank)
+
+
+def test_sigkill_after_a_checkpoint_then_rerun_matches(reference, tiny_shards, tmp_path):
+    out = tmp_path / "sigkill"
+    proc = start(tiny_shards, out)
+    wait_for(out / "checkpoints" / f"step-{CHECKPOINT_EVERY:07d}", proc)
+    kill_all(proc)
+    log = run(tiny_shards, out)
+    assert "resumed from" in log
+    assert_same_weights(generator_weights(out), generator_weights(reference))
+    for rank in (0, 1):
+        assert batches(out, rank) == batches(reference, rank)
+
+
+def test_non_finite_losses_stop_every_rank_with_a_clear_error(tiny_shards, tmp_path):
+    # An absurd learning rate blows the generator up after its first update; from then on
+    # every loss is non-finite, all ranks skip together, and the run stops after 3 in a row.
+    out = tmp_path / "nan"
+    proc = start(tiny_shards, out, "optim.g_lr=1e30", "train.max_consecutive_skips=3")
+    log = finish(proc, out)
+    assert proc.returncode != 0
+    assert "3 updates in a row had a non-finite loss" in log
+    assert "train.max_consecutive_skips=3" in log
