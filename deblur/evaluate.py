@@ -5,8 +5,9 @@
 Every method is scored on the same pairs, at the training resolution (64x64), against the sharp
 member resized the same way:
 
-- ``restored``: the generator on the blurred member, resized to 64x64 and normalized, exactly
-  what the training loader feeds it;
+- ``restored``: the generator on the blurred member, decoded and resized to 64x64 by the
+  training loader's own function (``deblur.torch_loader.decode_member``) and normalized, exactly
+  what training feeds it;
 - ``blurred``: the blurred input itself (the bar to beat);
 - ``wiener`` and ``richardson_lucy``: scikit-image's deconvolutions given the TRUE kernel, rebuilt
   from the sample's json by ``deblur.blur.kernel_from_params``. That kernel is defined at the
@@ -25,6 +26,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +36,12 @@ from skimage.restoration import richardson_lucy, wiener
 from tqdm import tqdm
 
 from deblur.blur import kernel_from_params
+from deblur.data import ShardError
 from deblur.images import decode_rgb
 from deblur.infer import pick_device, resize_unit, restore
 from deblur.metrics import psnr, ssim
 from deblur.models import Generator
+from deblur.torch_loader import decode_member
 from deblur.weights import load_generator
 
 METHODS = ("restored", "blurred", "wiener", "richardson_lucy")
@@ -71,27 +75,42 @@ def split_shards(shards: Path, split: str) -> list[Path]:
     return paths
 
 
-def read_pairs(tars: list[Path]) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict]]:
-    """Yield (key, sharp, blurred, blur params) per sample, in shard order, images HWC in [0, 1]."""
-    # An explicit pipeline with no shuffle stage: every method and every run sees the same order.
+@dataclass(frozen=True)
+class Pair:
+    key: str
+    sharp: torch.Tensor  # (1, 3, S, S) in [0, 1], exactly the training loader's pixels
+    blurred: torch.Tensor  # (1, 3, S, S) likewise
+    blurred_stored: np.ndarray  # (H, W, 3) float64 in [0, 1] at the stored resolution
+    blur: dict  # the json's "blur" params, at the stored resolution
+
+
+def read_pairs(tars: list[Path], image_size: int) -> Iterator[Pair]:
+    """Every sample of ``tars`` in shard order (no shuffle stage: every method and run sees the
+    same pairs), with both members decoded and resized by the torch loader's own function."""
     pipeline = wds.DataPipeline(wds.SimpleShardList([str(t) for t in tars]), wds.tarfile_to_samples())
     for sample in pipeline:
         key = sample["__key__"]
         where = f"{sample.get('__url__', '?')}: sample {key!r}"
         try:
-            meta = json.loads(sample["json"])
-            sharp = _decode(sample["sharp.jpg"], f"{where} sharp.jpg")
-            blurred = _decode(sample["blur.jpg"], f"{where} blur.jpg")
-            blur = meta["blur"]
+            blur = json.loads(sample["json"])["blur"]
+            sharp_bytes, blurred_bytes = sample["sharp.jpg"], sample["blur.jpg"]
         except KeyError as e:
             raise ValueError(f"{where}: missing member or key {e}") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: unreadable json ({e})") from e
-        yield key, sharp, blurred, blur
+        yield Pair(
+            key=key,
+            sharp=_as_unit(decode_member(sharp_bytes, image_size, f"{where} sharp.jpg")),
+            blurred=_as_unit(decode_member(blurred_bytes, image_size, f"{where} blur.jpg")),
+            blurred_stored=np.asarray(decode_rgb(blurred_bytes, f"{where} blur.jpg").image, dtype=np.float64) / 255.0,
+            blur=blur,
+        )
 
 
-def _decode(data: bytes, name: str) -> np.ndarray:
-    return np.asarray(decode_rgb(data, name).image, dtype=np.float64) / 255.0
+def _as_unit(image: np.ndarray) -> torch.Tensor:
+    """HWC image (uint8 or [0, 1] float) -> (1, 3, H, W) float32 in [0, 1]."""
+    scale = 255.0 if image.dtype == np.uint8 else 1.0
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None] / scale
 
 
 def deconvolve(
@@ -121,15 +140,19 @@ def deconvolve(
     return np.clip(np.stack(channels, axis=-1)[pad:-pad, pad:-pad], 0.0, 1.0)
 
 
-def _to_model_size(image: np.ndarray, size: int) -> torch.Tensor:
-    """HWC [0, 1] at stored resolution -> (1, 3, size, size) float32.
+def deconvolved_at_model_size(pair: Pair, method: str, size: int, **settings) -> torch.Tensor:
+    """Deconvolve at the stored resolution with the true kernel, then resize to size x size.
 
-    The training loader resizes the decoded members straight to size x size with DALI's resize
-    (linear, antialiased); antialiased bilinear interpolation is the same filter, so the generator
-    sees inputs like those it learned from, and every method is judged against the same target.
+    The loader resizes with PIL's antialiased bilinear (triangle) filter on 8-bit pixels;
+    ``resize_unit`` is the same filter on floats (tests/test_evaluate.py checks they agree to
+    within one grey level), so every method reaches 64x64 the same way.
     """
-    t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
-    return resize_unit(t, (size, size)).clamp(0, 1)
+    try:
+        kernel = kernel_from_params(pair.blur)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"sample {pair.key!r}: bad blur params {pair.blur!r} ({e})") from e
+    deconvolved = deconvolve(pair.blurred_stored, kernel, method, **settings)
+    return resize_unit(_as_unit(deconvolved), (size, size)).clamp(0, 1)
 
 
 def evaluate(
@@ -160,20 +183,17 @@ def evaluate(
 
     n = 0
     bar = tqdm(total=limit, desc="evaluate", unit="sample", disable=not progress)
-    for key, sharp, blurred, blur in read_pairs(tars):
+    for pair in read_pairs(tars, size):
         if limit is not None and n >= limit:
             break
-        try:
-            kernel = kernel_from_params(blur)
-        except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"sample {key!r}: bad blur params {blur!r} ({e})") from e
-        batch["sharp"].append(_to_model_size(sharp, size))
-        batch["blurred"].append(_to_model_size(blurred, size))
+        batch["sharp"].append(pair.sharp)
+        batch["blurred"].append(pair.blurred)
         for method in ("wiener", "richardson_lucy"):
-            deconvolved = deconvolve(
-                blurred, kernel, method, wiener_balance=wiener_balance, rl_iterations=rl_iterations
+            batch[method].append(
+                deconvolved_at_model_size(
+                    pair, method, size, wiener_balance=wiener_balance, rl_iterations=rl_iterations
+                )
             )
-            batch[method].append(_to_model_size(deconvolved, size))
         n += 1
         bar.update(1)
         if len(batch["sharp"]) == batch_size:
@@ -225,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             wiener_balance=args.wiener_balance,
             rl_iterations=args.rl_iterations,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
