@@ -44,7 +44,8 @@ from deblur.models import Generator
 from deblur.torch_loader import decode_member
 from deblur.weights import load_generator
 
-METHODS = ("restored", "blurred", "wiener", "richardson_lucy")
+CLASSICAL = ("wiener", "richardson_lucy")
+METHODS = ("restored", "blurred", *CLASSICAL)
 SPLITS = ("train", "val", "test")
 
 # Chosen by a sweep on 24 of the demo's test samples (README, "Using a trained model"), best PSNR
@@ -56,8 +57,9 @@ WIENER_BALANCE = 3.0
 RL_ITERATIONS = 10
 
 
-def split_shards(shards: Path, split: str) -> list[Path]:
-    """The split's tar files, in the manifest's order; refuses a missing or empty split."""
+def split_shards(shards: Path, split: str) -> tuple[list[Path], int]:
+    """The split's tar files in the manifest's order, and its sample count; refuses a missing or
+    empty split."""
     manifest_path = shards / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -72,7 +74,7 @@ def split_shards(shards: Path, split: str) -> list[Path]:
     for path in paths:
         if not path.is_file():
             raise ValueError(f"{path}: listed in {manifest_path} but missing")
-    return paths
+    return paths, sum(int(entry["samples"]) for entry in entries)
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,9 @@ def deconvolve(
     return np.clip(np.stack(channels, axis=-1)[pad:-pad, pad:-pad], 0.0, 1.0)
 
 
-def deconvolved_at_model_size(pair: Pair, method: str, size: int, **settings) -> torch.Tensor:
-    """Deconvolve at the stored resolution with the true kernel, then resize to size x size.
+def deconvolved_at_model_size(pair: Pair, size: int, **settings) -> dict[str, torch.Tensor]:
+    """Wiener and Richardson-Lucy at the stored resolution with the true kernel, each then
+    resized to size x size.
 
     The loader resizes with PIL's antialiased bilinear (triangle) filter on 8-bit pixels;
     ``resize_unit`` is the same filter on floats (tests/test_evaluate.py checks they agree to
@@ -151,14 +154,18 @@ def deconvolved_at_model_size(pair: Pair, method: str, size: int, **settings) ->
         kernel = kernel_from_params(pair.blur)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"sample {pair.key!r}: bad blur params {pair.blur!r} ({e})") from e
-    deconvolved = deconvolve(pair.blurred_stored, kernel, method, **settings)
-    return resize_unit(_as_unit(deconvolved), (size, size)).clamp(0, 1)
+    results = {}
+    for method in CLASSICAL:
+        deconvolved = _as_unit(deconvolve(pair.blurred_stored, kernel, method, **settings))
+        results[method] = resize_unit(deconvolved, (size, size)).clamp(0, 1)
+    return results
 
 
 def evaluate(
     generator: Generator,
     tars: list[Path],
     *,
+    samples: int | None = None,
     limit: int | None = None,
     batch_size: int = 64,
     wiener_balance: float = WIENER_BALANCE,
@@ -182,18 +189,16 @@ def evaluate(
             members.clear()
 
     n = 0
-    bar = tqdm(total=limit, desc="evaluate", unit="sample", disable=not progress)
+    total = limit if samples is None else samples if limit is None else min(samples, limit)
+    bar = tqdm(total=total, desc="evaluate", unit="sample", disable=not progress)
     for pair in read_pairs(tars, size):
         if limit is not None and n >= limit:
             break
         batch["sharp"].append(pair.sharp)
         batch["blurred"].append(pair.blurred)
-        for method in ("wiener", "richardson_lucy"):
-            batch[method].append(
-                deconvolved_at_model_size(
-                    pair, method, size, wiener_balance=wiener_balance, rl_iterations=rl_iterations
-                )
-            )
+        classical = deconvolved_at_model_size(pair, size, wiener_balance=wiener_balance, rl_iterations=rl_iterations)
+        for method, image in classical.items():
+            batch[method].append(image)
         n += 1
         bar.update(1)
         if len(batch["sharp"]) == batch_size:
@@ -235,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        tars = split_shards(args.shards, args.split)
+        tars, samples = split_shards(args.shards, args.split)
         generator = load_generator(args.weights, pick_device(args.device))
         result = evaluate(
             generator,
             tars,
+            samples=samples,
             limit=args.limit,
             batch_size=args.batch_size,
             wiener_balance=args.wiener_balance,

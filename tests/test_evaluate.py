@@ -70,7 +70,8 @@ def test_float_resize_matches_the_loaders_resize(tiny_shards):
     from deblur.evaluate import _as_unit, read_pairs, split_shards
     from deblur.infer import resize_unit
 
-    pair = next(read_pairs(split_shards(tiny_shards, "test"), 64))
+    tars, _ = split_shards(tiny_shards, "test")
+    pair = next(read_pairs(tars, 64))
     ours = resize_unit(_as_unit(pair.blurred_stored), (64, 64))
     assert pair.blurred.shape == ours.shape == (1, 3, 64, 64)
     assert (ours - pair.blurred).abs().max() <= 1.0 / 255
