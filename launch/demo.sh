@@ -24,12 +24,16 @@ python -m deblur.evaluate --weights "$RUN/generator.safetensors" --shards "$SHAR
     | tee "$RUN/evaluate.txt"
 
 # The demo's promise: the generator beats the blurred input on the held-out test photographs.
-python - "$RUN/evaluate.txt" <<'PY'
+# The verdict is printed last and sets the exit status.
+verdict=0
+python - "$RUN/evaluate.txt" > "$RUN/verdict.txt" <<'PY' || verdict=$?
 import json, sys
 r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-beats = {m: r["restored"][m] > r["blurred"][m] for m in ("psnr", "ssim")}
+beats = all(r["restored"][m] > r["blurred"][m] for m in ("psnr", "ssim"))
 print(f"restored vs blurred on {r['n']} test photos: PSNR {r['restored']['psnr']:.2f} vs {r['blurred']['psnr']:.2f} dB, "
-      f"SSIM {r['restored']['ssim']:.4f} vs {r['blurred']['ssim']:.4f}: {'beats' if all(beats.values()) else 'does NOT beat'} the blurred input")
+      f"SSIM {r['restored']['ssim']:.4f} vs {r['blurred']['ssim']:.4f}: the generator "
+      f"{'beats' if beats else 'does NOT beat'} the blurred input")
+sys.exit(0 if beats else 1)
 PY
 
 grid=$(ls -1 "$RUN"/samples/*.png 2>/dev/null | tail -n 1 || true)
@@ -44,4 +48,7 @@ Demo finished.
   W&B offline run   : ${wandb_run:-none (wandb disabled?)}   upload later with: wandb sync ${wandb_run:-<run dir>}
 Deblur your own photos:
   python -m deblur.infer --weights $RUN/generator.safetensors --out restored/ photo.jpg
+
 MSG
+cat "$RUN/verdict.txt"
+exit "$verdict"
