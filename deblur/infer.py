@@ -1,0 +1,184 @@
+"""Deblur image files with a trained generator.
+
+    python -m deblur.infer --weights runs/demo/generator.safetensors --out restored/ blurry/*.jpg
+
+Writes one file per input under ``--out`` (``<input stem>.png`` by default) and never overwrites
+an input. The generator was trained on whole faces resized to 64x64, so inputs of other sizes
+are handled by one of two modes:
+
+- ``--mode resize`` (default): resize the whole image to 64x64 (as the training loader does),
+  restore it, and add the restored *detail* (restored minus blurred, both at 64x64), upsampled,
+  onto the original image. The output keeps the input's size and the model sees a whole face, as
+  in training; what it can add is limited to detail at the 64-px scale.
+- ``--mode tiles``: run the model on overlapping 64x64 tiles at native resolution (50% overlap,
+  blended with a Hann window whose shifted copies sum to one; the borders are padded by
+  reflection). Right for blur that is a few pixels wide at native resolution, but the model sees
+  patches, not the faces it was trained on.
+
+In ``resize`` mode a 64x64 input gets exactly the generator's output. Files that cannot be read
+are reported and skipped; the exit status is 1 if any failed (2 if nothing could start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from deblur.images import ImageError, load_rgb
+from deblur.models import Generator
+from deblur.norm import denormalize, normalize
+from deblur.weights import load_generator
+
+MODES = ("resize", "tiles")
+FORMATS = ("png", "jpg", "webp")
+
+
+def resize_unit(unit: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize NCHW [0, 1] images to ``size`` (h, w), antialiased when shrinking.
+
+    Antialiased bilinear matches the training loader's resize (DALI's ``resize`` is linear with
+    antialiasing on by default), so the model sees inputs filtered like those it learned from.
+    """
+    return F.interpolate(unit, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+@torch.inference_mode()
+def restore(generator: Generator, unit: torch.Tensor) -> torch.Tensor:
+    """Generator on NCHW [0, 1] images at its training size -> restored [0, 1] images."""
+    return denormalize(generator(normalize(unit))).clamp(0, 1)
+
+
+def restore_resize(generator: Generator, unit: torch.Tensor) -> torch.Tensor:
+    """``--mode resize`` on one (1, 3, H, W) image: restore at 64, add the detail back at H x W."""
+    size = generator.image_size
+    small = resize_unit(unit, (size, size))
+    detail = restore(generator, small) - small
+    if unit.shape[-2:] != small.shape[-2:]:
+        # upsampling: bicubic keeps the restored edges sharper than bilinear
+        detail = F.interpolate(detail, size=unit.shape[-2:], mode="bicubic", align_corners=False)
+    return (unit + detail).clamp(0, 1)
+
+
+def restore_tiles(generator: Generator, unit: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """``--mode tiles`` on one (1, 3, H, W) image: overlapping tiles at native resolution."""
+    tile = generator.image_size
+    stride = tile // 2
+    h, w = unit.shape[-2:]
+    # margin = stride on every side, so each real pixel lies under a full set of overlapping
+    # windows (the periodic Hann window's copies shifted by half its length sum to exactly 1);
+    # extra bottom/right padding makes the padded size land on the tile grid. numpy's "reflect"
+    # keeps reflecting when the image is smaller than the pad (torch's refuses).
+    pad_h, pad_w = stride + (-h) % stride, stride + (-w) % stride
+    padded = np.pad(unit[0].cpu().numpy(), ((0, 0), (stride, pad_h), (stride, pad_w)), mode="reflect")
+    padded = torch.from_numpy(padded).to(unit.device)[None]
+    ph, pw = padded.shape[-2:]
+
+    tiles = F.unfold(padded, kernel_size=tile, stride=stride)  # (1, 3*tile*tile, n)
+    tiles = tiles[0].T.reshape(-1, 3, tile, tile)
+    restored = torch.cat([restore(generator, b) for b in tiles.split(batch_size)])
+
+    window = torch.hann_window(tile, periodic=True, device=unit.device)
+    window = (window[:, None] * window[None, :]).expand(3, tile, tile)
+    cols = (restored * window).reshape(len(restored), -1).T[None]
+    weights = window.reshape(-1, 1).expand(-1, len(restored))[None]
+    blended = F.fold(cols, (ph, pw), kernel_size=tile, stride=stride)
+    norm = F.fold(weights, (ph, pw), kernel_size=tile, stride=stride)
+    out = blended / norm.clamp_min(1e-6)
+    return out[..., stride : stride + h, stride : stride + w].clamp(0, 1)
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """Read an image file as a (1, 3, H, W) float tensor in [0, 1].
+
+    The shard builder's reader: every format it accepts (JPEG/PNG/WebP by content, EXIF
+    orientation, 16-bit, palette, alpha) reads here too, and failures raise ``ImageError``
+    naming the file.
+    """
+    array = np.asarray(load_rgb(path), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def write_rgb(unit: torch.Tensor, path: Path) -> None:
+    """Write a (1, 3, H, W) [0, 1] tensor; the format follows the file's suffix."""
+    array = (unit[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+    # quality applies to the lossy formats (jpg, webp); PNG ignores it
+    Image.fromarray(array).save(path, quality=95)
+
+
+def output_paths(inputs: list[Path], out_dir: Path, fmt: str) -> list[Path]:
+    """``out_dir/<stem>.<fmt>`` per input; refuses collisions with inputs or with each other."""
+    outputs = [out_dir / f"{p.stem}.{fmt}" for p in inputs]
+    resolved_inputs = {p.resolve(): p for p in inputs}
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(inputs, outputs):
+        key = dst.resolve()
+        if key in resolved_inputs:
+            raise ValueError(
+                f"output {dst} would overwrite input {resolved_inputs[key]}; choose another --out"
+            )
+        if key in seen:
+            raise ValueError(f"inputs {seen[key]} and {src} would both be written to {dst}")
+        seen[key] = src
+    return outputs
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", type=Path, help="image files to deblur")
+    parser.add_argument("--weights", type=Path, required=True, help="generator.safetensors from training")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    parser.add_argument("--mode", choices=MODES, default="resize", help="how to handle sizes other than 64x64")
+    parser.add_argument("--format", choices=FORMATS, default="png", help="output file format")
+    parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass in --mode tiles")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(argv)
+
+    try:
+        outputs = output_paths(args.images, args.out, args.format)
+        generator = load_generator(args.weights, pick_device(args.device))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = next(generator.parameters()).device
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    failed: list[Path] = []
+    start = time.perf_counter()
+    bar = tqdm(list(zip(args.images, outputs)), desc=f"deblur ({args.mode})", unit="img")
+    for src, dst in bar:
+        try:
+            unit = read_rgb(src).to(device)
+        except ImageError as e:
+            tqdm.write(f"error: {e}", file=sys.stderr)
+            failed.append(src)
+            continue
+        if args.mode == "resize":
+            restored = restore_resize(generator, unit)
+        else:
+            restored = restore_tiles(generator, unit, args.batch_size)
+        write_rgb(restored, dst)
+    elapsed = time.perf_counter() - start
+    done = len(outputs) - len(failed)
+    print(f"restored {done} of {len(outputs)} images into {args.out} in {elapsed:.1f} s ({done / elapsed:.1f} images/s)")
+    if failed:
+        print(f"{len(failed)} failed: {', '.join(map(str, failed))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
