@@ -6,7 +6,8 @@ Each update consumes its own fresh (blurred, sharp) batch from the loader, so on
 - D update: restored = G(blurred) without gradients; D sees ONE batch ``cat([sharp, restored])``
   and is trained with BCE-with-logits towards 1 for sharp and 0 for restored.
 - G update: restored = G(blurred) with gradients; loss = ssim_weight * (1 - SSIM(restored, sharp))
-  + adv_weight * BCE(D(restored), 1). SSIM is pytorch-msssim's on images mapped back to [0, 1],
+  + adv_weight * BCE(D(restored), 1) + l1_weight * mean|restored - sharp| (the L1 term is ours,
+  see LossConfig; l1_weight=0 is the paper's loss). SSIM is pytorch-msssim's on images mapped back to [0, 1],
   in float32, data_range=1. D again sees ``cat([sharp, restored])`` and only the restored half's
   logits enter the loss.
 
@@ -52,6 +53,11 @@ from deblur.norm import denormalize
 def ssim_loss(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
     """1 - mean SSIM of normalized-space images, measured on [0, 1] images in float32."""
     return 1 - ssim(denormalize(restored.float()), denormalize(sharp.float()), data_range=1.0, size_average=True)
+
+
+def l1_loss(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of normalized-space images, measured on [0, 1] images in float32."""
+    return (denormalize(restored.float()) - denormalize(sharp.float())).abs().mean()
 
 
 def bce_towards(logits: torch.Tensor, real: bool) -> torch.Tensor:
@@ -149,8 +155,11 @@ class GanStep:
             fake_logits = critic(torch.cat([sharp, restored.to(sharp.dtype)]))[n:].float()
         ssim_term = ssim_loss(restored, sharp)
         adv_term = bce_towards(fake_logits, real=True)
-        loss = self.loss.ssim_weight * ssim_term + self.loss.adv_weight * adv_term
-        finite, stats = self._agree({"g/loss": loss, "g/ssim_loss": ssim_term, "g/adv_loss": adv_term})
+        l1_term = l1_loss(restored, sharp)
+        loss = self.loss.ssim_weight * ssim_term + self.loss.adv_weight * adv_term + self.loss.l1_weight * l1_term
+        finite, stats = self._agree(
+            {"g/loss": loss, "g/ssim_loss": ssim_term, "g/adv_loss": adv_term, "g/l1_loss": l1_term}
+        )
         if not finite:
             self.g_optimizer.zero_grad(set_to_none=True)
             return UpdateResult(True, stats)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import random
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -134,6 +135,18 @@ class PairStream(IterableDataset):
         return images[:, 0].contiguous(), images[:, 1].contiguous()
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: leave SIGTERM/SIGINT to the training process.
+
+    ``accelerate launch`` forwards SIGTERM to each rank's whole process group, workers included;
+    a worker killed by it would crash the rank before the trainer's save-on-signal can run. The
+    trainer stops at the next step boundary and the DataLoader then shuts its workers down (they
+    also exit on their own when the parent dies).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TorchPairLoader(Position):
     backend = "torch"
 
@@ -146,7 +159,8 @@ class TorchPairLoader(Position):
         stream = PairStream(self.part, self.pairs, epoch=self.epoch, start_batch=self.batch)
         batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                              pin_memory=self.device.type == "cuda",
-                             prefetch_factor=4 if self.num_workers else None)
+                             prefetch_factor=4 if self.num_workers else None,
+                             worker_init_fn=ignore_stop_signals)
         for item in batches:
             if isinstance(item, ShardError):
                 raise ShardError(*item.args)

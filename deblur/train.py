@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
@@ -38,6 +37,7 @@ from deblur.data import make_loader, usable_cores
 from deblur.gan import GanStep, restoration_sums, summarize
 from deblur.models import Discriminator, Generator
 from deblur.norm import denormalize
+from deblur.weights import save_generator
 
 
 class StopRequest:
@@ -203,8 +203,10 @@ def evaluate(accelerator: Accelerator, gan: GanStep, loader) -> tuple[dict[str, 
 def save_samples(accelerator: Accelerator, gan: GanStep, batch, count: int, path: Path) -> None:
     """Grid of three rows: blurred | restored | sharp, as [0, 1] images."""
     blurred, sharp = (t[:count] for t in batch)
+    # Unwrapped: this runs on the main process only, and a DDP forward on one rank alone must
+    # never be in a position to wait for the others.
     with accelerator.autocast():
-        restored = gan.generator(blurred)
+        restored = accelerator.unwrap_model(gan.generator)(blurred)
     rows = [denormalize(t.float()).clamp(0, 1).cpu() for t in (blurred, restored, sharp)]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(torch.cat(rows), nrow=blurred.shape[0], padding=2), path)
@@ -232,16 +234,11 @@ def record_batch(path: Path, step: int, update: int, epoch: int, sharp: torch.Te
 def write_final_outputs(cfg: Config, accelerator: Accelerator, gan: GanStep, step: int, test_metrics: dict, fingerprints: list[str]) -> None:
     if not accelerator.is_main_process:
         return
-    generator = accelerator.unwrap_model(gan.generator)
-    weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    metadata = {
-        "format": "deblur-generator",
-        "residual": str(cfg.model.residual).lower(),
-        "image_size": str(cfg.data.image_size),
-        "normalization": "imagenet",
-        "step": str(step),
-    }
-    save_file(weights, str(cfg.output_dir / "generator.safetensors"), metadata=metadata)
+    save_generator(
+        accelerator.unwrap_model(gan.generator),
+        cfg.output_dir / "generator.safetensors",
+        extra_metadata={"format": "deblur-generator", "normalization": "imagenet", "step": str(step)},
+    )
     metrics = {
         "split": "test",
         "step": step,

@@ -20,13 +20,17 @@ from safetensors.torch import load_file, safe_open, save_file
 from deblur.models import Generator
 
 
-def save_generator(generator: Generator, path: str | Path) -> Path:
-    """Write ``generator`` (unwrapped: not the DDP/compiled wrapper) to ``path``."""
+def save_generator(generator: Generator, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write ``generator`` (unwrapped: not the DDP/compiled wrapper) to ``path``.
+
+    ``extra_metadata`` (strings, e.g. the training step) is stored beside the two keys above
+    and ignored when loading."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # contiguous CPU copies: safetensors refuses shared or non-contiguous storage
     state = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
     metadata = {
+        **(extra_metadata or {}),
         "residual": "true" if generator.residual else "false",
         "image_size": str(generator.image_size),
     }

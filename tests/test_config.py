@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,7 @@ def test_cli_rejects_a_bad_key_before_training(config_file):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config_file), "train.max_stepz=3"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # the script's folder is launch/, not the root
     )
     assert proc.returncode == 2
     assert "train.max_stepz: Extra inputs are not permitted" in proc.stderr

@@ -211,6 +211,19 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_matches(reference, tiny_shards
         assert batches(out, rank) == batches(reference, rank)
 
 
+def test_sigterm_with_the_torch_loader_saves_too(tiny_shards, tmp_path):
+    # The launcher's SIGTERM reaches the DataLoader worker processes as well; they must leave
+    # it to the trainer instead of dying and crashing the rank before it can save.
+    out = tmp_path / "sigterm-torch"
+    proc = start(tiny_shards, out, "data.loader=torch")
+    wait_for(out / "checkpoints" / f"step-{CHECKPOINT_EVERY:07d}", proc)
+    proc.send_signal(signal.SIGTERM)
+    log = finish(proc, out)
+    assert "stop signal: saved" in log, log[-4000:]
+    saved = sorted((out / "checkpoints").iterdir())
+    assert (saved[-1] / "trainer.json").is_file() and (saved[-1] / "loader-rank1.json").is_file()
+
+
 def test_sigkill_after_a_checkpoint_then_rerun_matches(reference, tiny_shards, tmp_path):
     out = tmp_path / "sigkill"
     proc = start(tiny_shards, out)
