@@ -28,6 +28,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from deblur.tario import write_atomic
+
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 TRAINER_STATE = "trainer.json"
 
@@ -85,7 +87,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "config.yaml").write_text(config_yaml)
-        _write_json_durably(tmp / TRAINER_STATE, {**trainer_state, "step": step, "world_size": accelerator.num_processes})
+        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
+        write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=1).encode())
         if final.exists():
             raise FileExistsError(f"{final} already exists; a step is never saved twice")
         os.replace(tmp, final)
@@ -107,10 +110,3 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any
     accelerator.load_state(str(path))
     loader_state = json.loads((path / loader_state_name(accelerator.process_index)).read_text())
     return trainer_state, loader_state
-
-
-def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import re
 
-import torch
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 

@@ -26,6 +26,7 @@ own checkpoint); ``load_state_dict`` before iterating resumes with exactly the n
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -36,8 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deblur.sources import SPLITS
+
 Backend = Literal["dali", "torch"]
-SPLITS = ("train", "val", "test")
 MEMBERS = ("blur.jpg", "sharp.jpg")  # reader output order: (blurred, sharp)
 
 
@@ -164,7 +166,7 @@ def read_index(tar: Path) -> int:
         raise ShardError(f"{idx}: header says {count} samples but lists {len(rows)}, shard {tar}")
     tar_size = tar.stat().st_size
     try:
-        samples = index_rows(idx)
+        samples = parse_index_rows(rows)
     except (ValueError, IndexError) as error:
         raise ShardError(f"{idx}: malformed index line ({error}) for shard {tar}") from error
     for row_no, members in enumerate(samples, start=2):
@@ -180,14 +182,37 @@ def read_index(tar: Path) -> int:
     return count
 
 
-def index_rows(idx: Path) -> list[dict[str, tuple[int, int, str]]]:
-    """One dict per sample: member ext -> (data offset, size, member name)."""
-    rows = []
-    for row in idx.read_text().splitlines()[1:]:
+def parse_index_rows(rows: list[str]) -> list[dict[str, tuple[int, int, str]]]:
+    """One dict per sample line: member ext -> (data offset, size, member name)."""
+    samples = []
+    for row in rows:
         fields = row.split()
-        rows.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                     for i in range(0, len(fields) - 3, 4)})
-    return rows
+        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                        for i in range(0, len(fields) - 3, 4)})
+    return samples
+
+
+def index_rows(idx: Path) -> list[dict[str, tuple[int, int, str]]]:
+    """One dict per sample of a ``.idx`` file: member ext -> (data offset, size, member name)."""
+    return parse_index_rows(idx.read_text().splitlines()[1:])
+
+
+def manifest_split(shards: Path | str, split: str) -> tuple[list[Path], int]:
+    """The split's tar files as ``manifest.json`` lists them, and its sample count ([] and 0 for
+    an empty split); a missing manifest or a listed tar that is not there is an error."""
+    manifest_path = Path(shards) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest["splits"][split]["shards"]
+    except FileNotFoundError as e:
+        raise ValueError(f"{manifest_path}: not found; build shards with python -m deblur.shard") from e
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest_path}: no shard list for split {split!r} ({e!r})") from e
+    paths = [Path(shards) / entry["name"] for entry in entries]
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"{path}: listed in {manifest_path} but missing")
+    return paths, sum(int(entry["samples"]) for entry in entries)
 
 
 def find_undecodable(part: RankPart) -> str | None:

@@ -36,17 +36,17 @@ from skimage.restoration import richardson_lucy, wiener
 from tqdm import tqdm
 
 from deblur.blur import kernel_from_params
-from deblur.data import ShardError
+from deblur.data import ShardError, manifest_split, resolve_device
 from deblur.images import decode_rgb
-from deblur.infer import pick_device, resize_unit, restore
+from deblur.infer import resize_unit, restore
 from deblur.metrics import psnr, ssim
 from deblur.models import Generator
+from deblur.sources import SPLITS
 from deblur.torch_loader import decode_member
 from deblur.weights import load_generator
 
 CLASSICAL = ("wiener", "richardson_lucy")
 METHODS = ("restored", "blurred", *CLASSICAL)
-SPLITS = ("train", "val", "test")
 
 # Chosen by a sweep on 24 of the demo's test samples (README, "Using a trained model"), best PSNR
 # for each method: balance 0.003-30 (0.3: 28.3 dB, 1: 29.7, 3: 30.4, 10: 30.2) and 5-50 iterations
@@ -55,26 +55,6 @@ SPLITS = ("train", "val", "test")
 # which is deliberate: they are the bar the generator is compared with.
 WIENER_BALANCE = 3.0
 RL_ITERATIONS = 10
-
-
-def split_shards(shards: Path, split: str) -> tuple[list[Path], int]:
-    """The split's tar files in the manifest's order, and its sample count; refuses a missing or
-    empty split."""
-    manifest_path = shards / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = manifest["splits"][split]["shards"]
-    except FileNotFoundError as e:
-        raise ValueError(f"{manifest_path}: not found; is {shards} a shard folder?") from e
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{manifest_path}: no shard list for split {split!r} ({e!r})") from e
-    if not entries:
-        raise ValueError(f"{manifest_path}: split {split!r} has no shards")
-    paths = [shards / entry["name"] for entry in entries]
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"{path}: listed in {manifest_path} but missing")
-    return paths, sum(int(entry["samples"]) for entry in entries)
 
 
 @dataclass(frozen=True)
@@ -240,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        tars, samples = split_shards(args.shards, args.split)
-        generator = load_generator(args.weights, pick_device(args.device))
+        tars, samples = manifest_split(args.shards, args.split)
+        if not tars:
+            raise ValueError(f"{args.shards / 'manifest.json'}: split {args.split!r} has no shards")
+        generator = load_generator(args.weights, resolve_device(args.device))
         result = evaluate(
             generator,
             tars,

@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from deblur.images import ImageError, load_rgb
+from deblur.data import resolve_device
 from deblur.models import Generator
 from deblur.norm import denormalize, normalize
 from deblur.weights import load_generator
@@ -130,12 +131,6 @@ def output_paths(inputs: list[Path], out_dir: Path, fmt: str) -> list[Path]:
     return outputs
 
 
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", type=Path, help="image files to deblur")
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         outputs = output_paths(args.images, args.out, args.format)
-        generator = load_generator(args.weights, pick_device(args.device))
+        generator = load_generator(args.weights, resolve_device(args.device))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from deblur.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint, step_dir_name
 from deblur.config import Config, dump_config
-from deblur.data import make_loader, usable_cores
+from deblur.data import make_loader, manifest_split, usable_cores
 from deblur.gan import GanStep, restoration_sums, summarize
 from deblur.models import Discriminator, Generator
 from deblur.norm import denormalize
@@ -89,21 +89,12 @@ def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
     return GanStep(accelerator, generator, discriminator, g_optimizer, d_optimizer, cfg.loss, cfg.optim)
 
 
-def split_size(shards: Path, split: str) -> int:
-    manifest_path = shards / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"{manifest_path}: cannot read the shard manifest ({exc}); build shards with python -m deblur.shard") from exc
-    return int(manifest["splits"].get(split, {}).get("samples", 0))
-
-
 def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool):
     """The DALI/torch loader for this rank, or None for an empty (or, for evaluation, too small)
     split. Not passed to prepare(): each rank reads its own part of the shards already.
     Evaluation loaders use the training batch size and the loader's drop-last policy, so up to
     world_size * batch_size - 1 images of a split go unmeasured; metrics record the count."""
-    samples = split_size(cfg.data.shards, split)
+    samples = manifest_split(cfg.data.shards, split)[1]
     if samples == 0:
         return None
     if not train and samples // accelerator.num_processes < cfg.data.batch_size:
