@@ -1,6 +1,6 @@
 """Input-pipeline benchmark, all on the same pairs in one run.
 
-    python -m deblur.bench loader --shards shards/demo [--batch-size 64] [--seconds 20]
+    python -m deblur.bench loader --shards shards/demo [--batch-size 64] [--seconds 10] [--repeat 3]
 
 Measures (blurred, sharp) pairs per second of one split's pairs for
 
@@ -14,9 +14,14 @@ Measures (blurred, sharp) pairs per second of one split's pairs for
   process per worker) and ``raw_decode_dali`` (a DALI pipeline of just the webdataset reader and
   the CPU decoder, as many threads as workers).
 
-Each rate excludes the first batch (pipeline build, worker start-up) and then runs whole
-epochs back to back for ``--seconds``. Prints a table with each rate's ratio to the original
-way and its fraction of the raw decode rate; the last line is one JSON object in pairs/s.
+Every method is built once and warmed up for ``--warmup`` seconds (pipeline build, worker
+start-up, shuffle-buffer fill, allocator growth: a DALI loader's first seconds run 25-30 %
+slow). Then ``--repeat`` rounds measure each method for ``--seconds``, the methods taking turns
+within a round so that a shared machine's slow spells hit all of them alike; each method's
+rate is the median of its rounds. Streams run across epoch boundaries, so epoch-start costs
+(the loaders' shuffle buffers, the original way's worker restarts) are counted as a user pays
+them. Prints a table of medians with each one's ratio to the original way and its fraction of
+the raw decode rate, and each round's rates; the last line is one JSON object in pairs/s.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import argparse
 import io
 import json
 import multiprocessing
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -47,12 +54,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--split", default="train", help="split to read (default train)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per method")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per method and round")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; each method's rate is its median")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds each method runs before the rounds")
     parser.add_argument("--workers", type=int, default=usable_cores(),
                         help="DALI threads / DataLoader workers / decode processes (default: cores)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to export the PNG folders (default: a temporary folder)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
+        parser.error("--repeat must be >= 1, --seconds > 0 and --warmup >= 0")
+    return args
 
 
 def read_pairs(shards: Path, split: str) -> list[tuple[str, bytes, bytes]]:
@@ -101,23 +113,30 @@ class FolderPairs(Dataset):
                      for folder in (self.blurred, self.sharp))
 
 
-def measure(name: str, epoch: Callable[[], Iterable], seconds: float) -> float:
-    """Pairs/s over whole epochs back to back, after a first (warm-up) batch."""
-    start, pairs = None, 0
-    with tqdm(desc=name, unit="pair") as bar:
-        while True:
-            for blurred, _ in epoch():
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                if start is None:
-                    start = time.perf_counter()
-                    continue
-                pairs += len(blurred)
-                bar.update(len(blurred))
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds:
-                    bar.set_postfix(pairs_per_s=f"{pairs / elapsed:.0f}")
-                    return pairs / elapsed
+# A method measures itself: seconds -> pairs/s.
+Method = Callable[[float], float]
+
+
+def pair_counts(epoch: Callable[[], Iterable]) -> Iterator[int]:
+    """Pairs per batch, epoch after epoch, forever (each call of ``epoch`` is the next epoch)."""
+    while True:
+        for blurred, _ in epoch():
+            if torch.cuda.is_available() and blurred.is_cuda:
+                torch.cuda.synchronize()  # count a GPU batch when it is ready, not when queued
+            yield len(blurred)
+
+
+def stream_method(counts: Iterator[int]) -> Method:
+    """Pairs/s of the next ``seconds`` of a batch stream (whole batches; the stream continues
+    where the previous measurement stopped, so warm-up happens once)."""
+
+    def rate(seconds: float) -> float:
+        pairs, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            pairs += next(counts)
+        return pairs / elapsed
+
+    return rate
 
 
 _decode_pairs: list[tuple[str, bytes, bytes]] = []
@@ -141,11 +160,14 @@ def _decode_for(args: tuple[int, int, float]) -> tuple[int, float]:
     return done, time.perf_counter() - start
 
 
-def raw_decode_rate(pairs, workers: int, seconds: float) -> float:
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_keep_pairs, initargs=(pairs,)) as pool:
-        pool.map(_decode_for, [(w, workers, 0.5) for w in range(workers)])  # warm-up
+def pil_decode_method(pool, workers: int) -> Method:
+    """All workers decoding in parallel, one process each (PIL holds the GIL between images)."""
+
+    def rate(seconds: float) -> float:
         results = pool.map(_decode_for, [(w, workers, seconds) for w in range(workers)])
-    return sum(done / elapsed for done, elapsed in results)
+        return sum(done / elapsed for done, elapsed in results)
+
+    return rate
 
 
 @pipeline_def
@@ -156,46 +178,70 @@ def decode_only_pipeline(shards: Path, split: str):
     return tuple(fn.decoders.image(member, device="cpu", output_type=types.RGB) for member in jpegs)
 
 
-def dali_decode_rate(shards: Path, split: str, batch_size: int, workers: int, seconds: float) -> float:
+def dali_decode_counts(shards: Path, split: str, batch_size: int, workers: int) -> Iterator[int]:
     pipe = decode_only_pipeline(shards, split, batch_size=batch_size, num_threads=workers, device_id=None)
     pipe.build()
+    while True:
+        pipe.run()
+        yield batch_size
 
-    def batches():
-        while True:
-            yield pipe.run()
 
-    return measure("raw decode (DALI)", batches, seconds)
+def run_rounds(methods: dict[str, Method], repeat: int, seconds: float, warmup: float) -> dict[str, list[float]]:
+    """Warm every method up once, then ``repeat`` rounds in which the methods take turns."""
+    rounds: dict[str, list[float]] = {name: [] for name in methods}
+    with tqdm(total=len(methods) * (repeat + 1), desc="measuring", unit="run") as bar:
+        for name, method in methods.items():
+            bar.set_postfix_str(f"warming up {name}")
+            method(warmup)
+            bar.update()
+        for _ in range(repeat):
+            for name, method in methods.items():
+                rounds[name].append(method(seconds))
+                bar.set_postfix_str(f"{name} {rounds[name][-1]:.0f} pairs/s")
+                bar.update()
+    return rounds
 
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     pairs = read_pairs(args.shards, args.split)
     print(f"{len(pairs)} {args.split} pairs from {args.shards}, batch {args.batch_size}, "
-          f"{args.image_size}x{args.image_size}, {args.workers} workers, {args.seconds:g} s per method")
+          f"{args.image_size}x{args.image_size}, {args.workers} workers; {args.repeat} rounds of "
+          f"{args.seconds:g} s per method after {args.warmup:g} s warm-up; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     loader_options = dict(batch_size=args.batch_size, image_size=args.image_size, shuffle=True,
                           flip=True, num_workers=args.workers)
-    rates = {}
-    for backend in ("dali", "torch"):
-        loader = make_loader(args.shards, args.split, backend=backend, **loader_options)
-        rates[backend] = measure(backend, lambda: loader, args.seconds)
-        del loader
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+    context = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, \
+            context.Pool(args.workers, initializer=_keep_pairs, initargs=(pairs,)) as pool:
         folders = FolderPairs(*export_png_folders(pairs, Path(tmp)), image_size=args.image_size)
         original = DataLoader(folders, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               num_workers=args.workers)
-        rates["original"] = measure("original", lambda: original, args.seconds)
-    rates["raw_decode_pil"] = raw_decode_rate(pairs, args.workers, args.seconds)
-    rates["raw_decode_dali"] = dali_decode_rate(args.shards, args.split, args.batch_size, args.workers, args.seconds)
+        loaders = {backend: make_loader(args.shards, args.split, backend=backend, **loader_options)
+                   for backend in ("dali", "torch")}
+        methods: dict[str, Method] = {
+            "dali": stream_method(pair_counts(lambda: loaders["dali"])),
+            "torch": stream_method(pair_counts(lambda: loaders["torch"])),
+            "original": stream_method(pair_counts(lambda: original)),
+            "raw_decode_pil": pil_decode_method(pool, args.workers),
+            "raw_decode_dali": stream_method(dali_decode_counts(args.shards, args.split, args.batch_size, args.workers)),
+        }
+        rounds = run_rounds(methods, args.repeat, args.seconds, args.warmup)
+    rates = {name: statistics.median(values) for name, values in rounds.items()}
     rates["raw_decode"] = max(rates["raw_decode_pil"], rates["raw_decode_dali"])
 
-    print(f"\n{'method':<12}{'pairs/s':>10}{'x original':>12}{'of raw decode':>15}")
+    print(f"\n{'method':<16}{'pairs/s':>10}{'x original':>12}{'of raw decode':>15}   rounds")
     for name, rate in rates.items():
-        print(f"{name:<12}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / rates['raw_decode']:>15.2f}")
+        each = " ".join(f"{r:.0f}" for r in rounds.get(name, []))
+        print(f"{name:<16}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / rates['raw_decode']:>15.2f}   {each}")
     summary = {name: round(rate, 1) for name, rate in rates.items()}
     summary.update(
         dali_x_original=round(rates["dali"] / rates["original"], 2),
         dali_fraction_of_raw_decode=round(rates["dali"] / rates["raw_decode"], 2),
         raw_decode_method="max of PIL (process per worker, bytes in memory) and DALI CPU decode-only",
+        statistic=f"median of {args.repeat} rounds of {args.seconds:g} s after {args.warmup:g} s warm-up",
+        rounds={name: [round(r, 1) for r in values] for name, values in rounds.items()},
         pairs=len(pairs), batch_size=args.batch_size, workers=args.workers,
+        loadavg_1min=round(os.getloadavg()[0], 2),
     )
     print(json.dumps(summary))
