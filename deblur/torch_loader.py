@@ -2,8 +2,8 @@
 
 Same epoch definition as deblur.data (rank's contiguous part of the stored order, buffer
 shuffle, N//W//B full batches or, with drop_last=False, the whole part with a smaller last
-batch, one flip per pair). Its order is a pure function of
-``(seed, rank, epoch)``, which gives both multi-worker loading and resuming:
+batch, one flip per pair). Its order is a pure function of ``(seed, rank, epoch)``, which gives
+both multi-worker loading and resuming:
 
 * every DataLoader worker streams the rank's whole part in the same order (reading tar bytes is
   cheap) but decodes only the batches ``b`` with ``b % workers == worker``; the DataLoader
