@@ -1,12 +1,23 @@
 """``backend="dali"``: the pipeline of deblur.dali_pipeline behind the PairLoader interface.
 
-Epoch bookkeeping: the reader pads every rank's part to the same whole number of batches
-(``pad_last_batch``), and the iterator runs with ``LastBatchPolicy.FILL`` so one iterator epoch
-is exactly one reader epoch. Of those ``ceil(ceil(N/W)/B)`` batches the loader yields the first
-``(N//W)//B`` (equal on all ranks) and decodes-and-discards the rest (at most one batch, which
-holds the remainder and the padding): that is the DROP policy of deblur.data. DALI's own DROP
-policy is not used because, with parts of unequal length whose shorter one is a multiple of the
-batch size, it leaves the padded batch in the pipeline and the next epoch would start with it.
+Epoch bookkeeping: the reader pads every rank's part to the longest part, ``ceil(N/W)`` samples,
+and then to a whole batch by repeating the last sample (``pad_last_batch``), so every rank's
+reader epoch is ``ceil(ceil(N/W)/B)`` batches and the next epoch starts at the part's start.
+
+* drop_last=True: the iterator runs with ``LastBatchPolicy.FILL``, so one iterator epoch is
+  exactly one reader epoch. The loader yields its first ``(N//W)//B`` batches (equal on all
+  ranks) and decodes-and-discards the rest (at most one batch, which holds the remainder and
+  the padding): the DROP policy of deblur.data. DALI's own DROP policy is not used because,
+  with parts of unequal length whose shorter one is a multiple of the batch size, it leaves
+  the padded batch in the pipeline and the next epoch would start with it.
+* drop_last=False: ``LastBatchPolicy.PARTIAL``. With ``reader_name`` the iterator's epoch is
+  still the whole padded reader epoch (its size is ``epoch_size_padded // num_shards``,
+  base_iterator ``_extract_from_reader_and_validate``), and ``_remove_padded`` cuts each batch
+  to ``batch_size - (samples counted - this shard's unpadded size)`` samples, so the padding is
+  never returned. On a rank whose part is a multiple of the batch size but one sample shorter
+  than another rank's, that makes the reader's last batch all padding and the iterator returns
+  it with **zero** samples (DALI issue #3855). The loader yields its ``ceil(part/B)`` batches
+  and drains the rest like the DROP case, so that empty batch is never handed out.
 """
 
 from __future__ import annotations
@@ -52,10 +63,11 @@ class DaliPairLoader(Position):
             enable_checkpointing=True,
             checkpoint=self._checkpoint,
         )
+        policy = LastBatchPolicy.FILL if self.part.drop_last else LastBatchPolicy.PARTIAL
         try:
             return DALIGenericIterator(
                 [pipe], ["blurred", "sharp"], reader_name=READER_NAME,
-                last_batch_policy=LastBatchPolicy.FILL, auto_reset=True,
+                last_batch_policy=policy, auto_reset=True,
             )
         except RuntimeError as error:
             raise self._shard_error(error) from error
@@ -75,7 +87,8 @@ class DaliPairLoader(Position):
             raise self._shard_error(error) from error
 
     def _finish_epoch(self) -> None:
-        # Decode and discard the reader's tail batch (remainder + padding), see module doc.
+        # Decode and discard the reader's tail batch (DROP: remainder + padding; PARTIAL: an
+        # all-padding batch, returned empty), see module doc.
         while True:
             try:
                 self._next()
@@ -84,6 +97,9 @@ class DaliPairLoader(Position):
         self.epoch, self.batch = self.epoch + 1, 0
 
     def __iter__(self):
+        if len(self) == 0:  # an empty part (drop_last=False, fewer samples than ranks): no reader
+            self.epoch += 1
+            return
         if self._iterator is None:
             self._iterator = self._build()
         if self.batch >= len(self):

@@ -15,16 +15,30 @@ from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
 READER_NAME = "Reader"
 
 
+def reader_shard(part: RankPart) -> tuple[int, int]:
+    """The reader's ``(shard_id, num_shards)`` that select exactly the rank's part.
+
+    Normally ``(rank, world_size)``. DALI refuses more shards than samples, though; with fewer
+    samples than ranks (possible only for drop_last=False) every non-empty part is the single
+    sample ``start``, which is DALI's shard ``start`` of ``total`` (its start index is
+    ``floor(total * k / total) = k``). Empty parts never build a pipeline.
+    """
+    if part.total >= part.world_size:
+        return part.rank, part.world_size
+    return part.start, part.total
+
+
 @pipeline_def
 def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool):
+    shard_id, num_shards = reader_shard(part)
     blurred, sharp = fn.readers.webdataset(
         paths=[str(s.tar) for s in part.shards],
         index_paths=[str(s.idx) for s in part.shards],
         ext=list(MEMBERS),
         # An undecodable or missing member must fail loudly, never be skipped.
         missing_component_behavior="error",
-        shard_id=part.rank,
-        num_shards=part.world_size,
+        shard_id=shard_id,
+        num_shards=num_shards,
         # Every rank keeps its own contiguous part each epoch (see deblur.data); padding makes
         # all parts the same whole number of batches, so every epoch starts at the start of the
         # part instead of wrapping into the next epoch's samples.

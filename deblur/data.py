@@ -10,10 +10,17 @@ a test can compare them:
   how DALI's readers cut a dataset with ``shard_id``/``num_shards`` (its ``start_index``), and
   the ranks' parts are disjoint and cover every sample.
 * Each rank reads only its part (``stick_to_shard``: the part does not rotate between epochs;
-  the builder shuffled the samples globally, so every part is a random subset) and yields
+  the builder shuffled the samples globally, so every part is a random subset).
+* ``drop_last=True`` (the default, for training): every rank yields
   ``len(loader) = (N // W) // batch_size`` full batches per epoch, the same number on every
   rank so DDP ranks never wait on each other. The remainder (fewer than a batch, plus the one
   extra sample a longer part may have) is dropped: **last-batch policy DROP**.
+* ``drop_last=False`` (for evaluation): every rank yields its whole part, in
+  ``len(loader) = ceil(part / batch_size)`` batches, the last one smaller when the part is not
+  a multiple of the batch size: **last-batch policy PARTIAL**. Across ranks every sample is
+  yielded exactly once per epoch, but ranks may differ by one batch (parts differ by up to one
+  sample), and with fewer samples than ranks some ranks have an empty part and yield nothing:
+  whatever runs per batch must not be a collective.
 * ``shuffle=True``: the order inside the rank's part is shuffled with a buffer (DALI reader's
   ``initial_fill`` semantics; the torch backend does the same with a seeded buffer); it differs
   every epoch and is fully determined by ``(seed, rank, epoch)``.
@@ -62,6 +69,7 @@ class RankPart:
     rank: int
     world_size: int
     batch_size: int
+    drop_last: bool = True
 
     @property
     def total(self) -> int:
@@ -76,9 +84,19 @@ class RankPart:
         return self.total * (self.rank + 1) // self.world_size
 
     @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
     def batches_per_epoch(self) -> int:
-        # The shortest part has N // W samples; every rank stops there (DROP policy).
-        return (self.total // self.world_size) // self.batch_size
+        if self.drop_last:
+            # The shortest part has N // W samples; every rank stops there (DROP policy).
+            return (self.total // self.world_size) // self.batch_size
+        return -(-self.size // self.batch_size)  # ceil: the whole part (PARTIAL policy)
+
+    def batch_length(self, batch: int) -> int:
+        """Samples in batch ``batch`` of an epoch: the batch size, except a PARTIAL last batch."""
+        return min(self.batch_size, self.size - batch * self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -95,8 +113,8 @@ class Position:
     """A loader's settings, and its position: epoch and batches consumed in it.
 
     The base of both backends' loaders: restoring a position saved under different settings
-    (another split, batch size, rank layout, seed) would silently yield other batches, so it
-    is refused, naming the differing keys.
+    (another split, batch size, rank layout, seed, last-batch policy) would silently yield other
+    batches, so it is refused, naming the differing keys.
     """
 
     backend = ""  # set by each backend's subclass
@@ -115,6 +133,7 @@ class Position:
             "rank": part.rank,
             "world_size": part.world_size,
             "batch_size": part.batch_size,
+            "drop_last": part.drop_last,
             **asdict(pairs),
         }
 
@@ -285,8 +304,14 @@ def make_loader(
     backend: Backend = "dali",
     device: torch.device | str | None = None,
     num_workers: int | None = None,
+    drop_last: bool = True,
 ) -> PairLoader:
     """Batches of ``(blurred, sharp)`` normalized float32 (B, 3, S, S) tensors on ``device``.
+
+    ``drop_last=True`` (training): ``(N // W) // batch_size`` full batches on every rank.
+    ``drop_last=False`` (evaluation): the rank's whole part, the last batch possibly smaller;
+    ``len(loader)`` may differ by one between ranks, and is 0 on a rank whose part is empty
+    (a split with fewer samples than ranks). See the module docstring.
 
     ``device=None`` is the process's current CUDA device when it has one, else the CPU; it is
     also what selects GPU ("mixed") JPEG decoding in the DALI backend. ``num_workers``: DALI
@@ -297,8 +322,8 @@ def make_loader(
         raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    part = RankPart(find_shards(shards, split), rank, world_size, batch_size)
-    if part.batches_per_epoch == 0:
+    part = RankPart(find_shards(shards, split), rank, world_size, batch_size, drop_last)
+    if drop_last and part.batches_per_epoch == 0:
         raise ShardError(
             f"split {split!r} in {shards} has {part.total} samples: fewer than one batch of "
             f"{batch_size} per rank for world_size {world_size}"

@@ -1,8 +1,9 @@
 """``backend="torch"``: webdataset + a torch DataLoader, the reference for the DALI backend.
 
 Same epoch definition as deblur.data (rank's contiguous part of the stored order, buffer
-shuffle, N//W//B batches, one flip per pair). Its order is a pure function of
-``(seed, rank, epoch)``, which gives both multi-worker loading and resuming:
+shuffle, N//W//B full batches or, with drop_last=False, the whole part with a smaller last
+batch, one flip per pair). Its order is a pure function of ``(seed, rank, epoch)``, which gives
+both multi-worker loading and resuming:
 
 * every DataLoader worker streams the rank's whole part in the same order (reading tar bytes is
   cheap) but decodes only the batches ``b`` with ``b % workers == worker``; the DataLoader
@@ -107,7 +108,7 @@ class PairStream(IterableDataset):
                     break
                 if batch >= self.start_batch and (batch - self.start_batch) % workers == worker:
                     pending.append(sample)
-                    if len(pending) == batch_size:
+                    if len(pending) == self.part.batch_length(batch):
                         yield self.decode_batch(pending, batch)
                         pending = []
         except ShardError as error:
@@ -154,6 +155,9 @@ class TorchPairLoader(Position):
         return normalize(images.to(self.device, non_blocking=True).float().div_(255))
 
     def __iter__(self):
+        if len(self) == 0:  # an empty part (drop_last=False, fewer samples than ranks)
+            self.epoch += 1
+            return
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
         stream = PairStream(self.part, self.pairs, epoch=self.epoch, start_batch=self.batch)

@@ -90,18 +90,15 @@ def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
 
 
 def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool):
-    """The DALI/torch loader for this rank, or None for an empty (or, for evaluation, too small)
-    split. Not passed to prepare(): each rank reads its own part of the shards already.
-    Evaluation loaders use the training batch size and the loader's drop-last policy, so up to
-    world_size * batch_size - 1 images of a split go unmeasured; metrics record the count."""
-    samples = manifest_split(cfg.data.shards, split)[1]
-    if samples == 0:
-        return None
-    if not train and samples // accelerator.num_processes < cfg.data.batch_size:
-        accelerator.print(
-            f"warning: the {split} split ({samples} samples) has less than one batch of {cfg.data.batch_size} "
-            f"per process for {accelerator.num_processes} processes; no {split} metrics"
-        )
+    """The DALI/torch loader for this rank, or None for an empty split. Not passed to prepare():
+    each rank reads its own part of the shards already.
+
+    Training drops the remainder (equal batch counts keep the DDP ranks in step). Evaluation
+    (``drop_last=False``) reads every image of the split exactly once across the ranks, at the
+    training batch size with a smaller last batch, so ranks may run different numbers of
+    batches, and a rank whose part is empty (fewer images than processes) runs none; see
+    :func:`evaluate`. Metrics record the count of images measured."""
+    if manifest_split(cfg.data.shards, split)[1] == 0:
         return None
     return make_loader(
         cfg.data.shards,
@@ -116,6 +113,7 @@ def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool)
         backend=cfg.data.loader,
         device=accelerator.device,
         num_workers=cfg.data.workers or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
+        drop_last=train,
     )
 
 
@@ -179,13 +177,23 @@ class Log:
 
 
 def evaluate(accelerator: Accelerator, gan: GanStep, loader) -> tuple[dict[str, float], tuple[torch.Tensor, ...] | None]:
-    """PSNR/SSIM of restored and of blurred images over this split (all ranks), plus the first batch."""
+    """PSNR/SSIM of restored and of blurred images over the whole split (all ranks), plus this
+    rank's first batch (None when its part of the split is empty).
+
+    Ranks may run different numbers of batches here (the loaders' drop_last=False), so nothing
+    inside the loop may be a collective. The generator runs unwrapped: a DDP forward under
+    no_grad with broadcast_buffers=False issues none either (torch's DistributedDataParallel.
+    _pre_forward/_post_forward only sync with gradients enabled or buffers broadcast), but the
+    plain module makes that evident. The one collective, the reduce, comes after the loop, and
+    every rank reaches it, one that had no batch included.
+    """
     gan.generator.eval()
+    generator = accelerator.unwrap_model(gan.generator)
     sums = torch.zeros(5, device=accelerator.device, dtype=torch.float64)
     first = None
     for blurred, sharp in loader:
         first = first or (blurred, sharp)
-        sums += restoration_sums(accelerator, gan.generator, blurred, sharp).double()
+        sums += restoration_sums(accelerator, generator, blurred, sharp).double()
     gan.generator.train()
     return summarize(accelerator.reduce(sums, reduction="sum")), first
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from deblur.config import load_config
+from deblur.data import manifest_split
 from deblur.models import Generator
 from deblur.shard import build_shards
 
@@ -117,9 +118,13 @@ def reference(tmp_path_factory, tiny_shards) -> Path:
     return out
 
 
-def test_run_writes_its_outputs(reference):
+def test_run_writes_its_outputs(reference, tiny_shards):
     metrics = json.loads((reference / "metrics.json").read_text())
-    assert metrics["step"] == STEPS and metrics["images"] > 0
+    # Evaluation measures every image, none dropped to even out the ranks' batches.
+    assert metrics["step"] == STEPS and metrics["images"] == manifest_split(tiny_shards, "test")[1]
+    val_rows = [r for r in map(json.loads, (reference / "log.jsonl").read_text().splitlines()) if "val/images" in r]
+    # 10 val images, 2 processes, batch 2: parts of 5, so a dropped remainder would leave 8.
+    assert [r["val/images"] for r in val_rows] == [manifest_split(tiny_shards, "val")[1]] == [10]
     for key in ("psnr_restored", "ssim_restored", "psnr_blurred", "ssim_blurred"):
         assert metrics[key] is not None and metrics[key] == metrics[key]
     assert 10 < metrics["psnr_blurred"] < 40 and 0 < metrics["ssim_blurred"] < 1
@@ -174,7 +179,10 @@ def test_losses_fall_when_overfitting(tiny_photo_folder, tmp_path):
     # Four training pairs, two per rank and batch: every update sees the same images, so the
     # SSIM loss must fall steadily and D must learn to tell restored from sharp.
     shards = tmp_path / "four"
-    build_shards(tiny_photo_folder, shards, val_fraction=0, test_fraction=0, shard_size=8, workers=1, limit=4, progress=False)
+    manifest = build_shards(tiny_photo_folder, shards, val_fraction=0.05, test_fraction=0, shard_size=8,
+                            workers=1, limit=5, progress=False)
+    # The hash split of these five keys puts one in val: fewer val images than processes.
+    assert [manifest["splits"][s]["samples"] for s in ("train", "val", "test")] == [4, 1, 0]
     out = tmp_path / "overfit"
     run(shards, out, "train.max_steps=15", "optim.g_lr=1e-3", "train.checkpoint_every=100")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -186,6 +194,9 @@ def test_losses_fall_when_overfitting(tiny_photo_folder, tmp_path):
     assert sum(d_loss[-3:]) / 3 < 0.5 * d_loss[0], d_loss
     assert all(r["skips/total"] == 0 for r in train_rows)
     assert all(r["perf/images_per_s"] > 0 and 0 <= r["perf/data_wait_fraction"] <= 1 for r in train_rows)
+    # One val image for two processes: rank 0 has no batch yet joins the reduce (no hang), and
+    # the image is measured at both evaluations (steps 12 and 15).
+    assert [r["val/images"] for r in rows if "val/images" in r] == [1, 1]
     # No test split: metrics.json says so instead of inventing numbers.
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 0 and metrics["psnr_restored"] is None
