@@ -26,6 +26,11 @@ def test_bench_reports_medians_of_alternating_rounds(tiny_shards, tmp_path, caps
         assert any(line.startswith(method) for line in lines[:-1]), f"{method} missing from the table"
     assert result["raw_decode"] == max(result["raw_decode_pil"], result["raw_decode_dali"])
     assert result["dali_x_original"] == pytest.approx(result["dali"] / result["original"], rel=0.02)
+    cpu = result["cpu_us_per_pair"]
+    # Every method does real work on the CPU: decoding two JPEGs costs well over a microsecond.
+    assert all(cpu[method] > 1 for method in methods), cpu
+    assert cpu["raw_decode"] == cpu[result["raw_decode_method"].rsplit(": ", 1)[1]]
+    assert result["dali_cpu_fraction_of_raw_decode"] == pytest.approx(cpu["raw_decode"] / cpu["dali"], rel=0.02)
     assert list(tmp_path.iterdir()) == []  # the exported PNG folders are removed
 
 
@@ -38,8 +43,8 @@ def test_stream_rate_is_pairs_per_second_of_whole_batches():
             yield 8
 
     rate = bench.stream_method(counts())
-    first = rate(0.05)
-    assert 0 < first <= sum(drawn) / 0.05  # at least 0.05 s elapsed for the batches drawn
+    pairs, elapsed = rate(0.05)
+    assert pairs == sum(drawn) and elapsed >= 0.05
     before = len(drawn)
     rate(0.05)
     assert len(drawn) > before  # the second measurement goes on drawing from the same stream
@@ -47,7 +52,26 @@ def test_stream_rate_is_pairs_per_second_of_whole_batches():
 
 def test_rounds_alternate_methods_after_one_warm_up_each():
     calls = []
-    methods = {name: (lambda seconds, name=name: calls.append((name, seconds)) or 1.0) for name in ("a", "b")}
+    methods = {name: (lambda seconds, name=name: calls.append((name, seconds)) or (10, seconds)) for name in ("a", "b")}
     rounds = bench.run_rounds(methods, repeat=2, seconds=3.0, warmup=1.0)
     assert calls == [("a", 1.0), ("b", 1.0), ("a", 3.0), ("b", 3.0), ("a", 3.0), ("b", 3.0)]
-    assert rounds == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+    assert {name: [r.rate for r in readings] for name, readings in rounds.items()} == {"a": [10 / 3] * 2, "b": [10 / 3] * 2}
+
+
+def test_cpu_time_counts_worker_processes():
+    """A method whose work runs in a child process is charged for it."""
+    import multiprocessing
+
+    before = bench.tree_cpu_seconds()
+    child = multiprocessing.get_context("fork").Process(target=_spin, args=(0.3,))
+    child.start()
+    child.join()
+    assert bench.tree_cpu_seconds() - before >= 0.2
+
+
+def _spin(seconds: float) -> None:
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil  # a dependency of wandb
+import psutil
 import pytest
 import torch
 from safetensors import safe_open

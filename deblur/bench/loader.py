@@ -20,8 +20,12 @@ slow). Then ``--repeat`` rounds measure each method for ``--seconds``, the metho
 within a round so that a shared machine's slow spells hit all of them alike; each method's
 rate is the median of its rounds. Streams run across epoch boundaries, so epoch-start costs
 (the loaders' shuffle buffers, the original way's worker restarts) are counted as a user pays
-them. Prints a table of medians with each one's ratio to the original way and its fraction of
-the raw decode rate, and each round's rates; the last line is one JSON object in pairs/s.
+them. Each measurement also records the CPU time it used (this process and its worker
+processes), as microseconds per pair: a cost that does not change when other jobs take the
+cores, so ``dali_cpu_x_original`` and ``dali_cpu_fraction_of_raw_decode`` give the two target
+ratios as they would be on idle cores. Prints a table of medians with each one's ratio to the
+original way, its fraction of the raw decode rate, its CPU cost and each round's rate; the last
+line is one JSON object (rates in pairs/s).
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import psutil
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
@@ -113,8 +119,42 @@ class FolderPairs(Dataset):
                      for folder in (self.blurred, self.sharp))
 
 
-# A method measures itself: seconds -> pairs/s.
-Method = Callable[[float], float]
+# A method runs for about ``seconds`` and says how many pairs it delivered in how long.
+Method = Callable[[float], tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Reading:
+    pairs: int
+    seconds: float
+    cpu_seconds: float  # this process and its children (DALI threads, DataLoader/pool workers)
+
+    @property
+    def rate(self) -> float:
+        return self.pairs / self.seconds
+
+    @property
+    def cpu_us_per_pair(self) -> float:
+        return 1e6 * self.cpu_seconds / self.pairs
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process, its live children and its reaped children.
+
+    The difference over a measurement is what a method cost in CPU, whether its work ran in
+    DALI's threads or in worker processes; unlike pairs/s it does not drop when the machine's
+    other tenants take the cores, so it shows the ratio the targets would have on idle cores.
+    """
+    me = psutil.Process()
+    times = me.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        try:
+            child_times = child.cpu_times()
+        except psutil.NoSuchProcess:  # exited since listed: counted as reaped next time
+            continue
+        total += child_times.user + child_times.system
+    return total
 
 
 def pair_counts(epoch: Callable[[], Iterable]) -> Iterator[int]:
@@ -130,13 +170,13 @@ def stream_method(counts: Iterator[int]) -> Method:
     """Pairs/s of the next ``seconds`` of a batch stream (whole batches; the stream continues
     where the previous measurement stopped, so warm-up happens once)."""
 
-    def rate(seconds: float) -> float:
+    def run(seconds: float) -> tuple[int, float]:
         pairs, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds:
             pairs += next(counts)
-        return pairs / elapsed
+        return pairs, elapsed
 
-    return rate
+    return run
 
 
 _decode_pairs: list[tuple[str, bytes, bytes]] = []
@@ -163,11 +203,12 @@ def _decode_for(args: tuple[int, int, float]) -> tuple[int, float]:
 def pil_decode_method(pool, workers: int) -> Method:
     """All workers decoding in parallel, one process each (PIL holds the GIL between images)."""
 
-    def rate(seconds: float) -> float:
+    def run(seconds: float) -> tuple[int, float]:
+        start = time.perf_counter()
         results = pool.map(_decode_for, [(w, workers, seconds) for w in range(workers)])
-        return sum(done / elapsed for done, elapsed in results)
+        return sum(done for done, _ in results), time.perf_counter() - start
 
-    return rate
+    return run
 
 
 @pipeline_def
@@ -186,9 +227,9 @@ def dali_decode_counts(shards: Path, split: str, batch_size: int, workers: int) 
         yield batch_size
 
 
-def run_rounds(methods: dict[str, Method], repeat: int, seconds: float, warmup: float) -> dict[str, list[float]]:
+def run_rounds(methods: dict[str, Method], repeat: int, seconds: float, warmup: float) -> dict[str, list[Reading]]:
     """Warm every method up once, then ``repeat`` rounds in which the methods take turns."""
-    rounds: dict[str, list[float]] = {name: [] for name in methods}
+    rounds: dict[str, list[Reading]] = {name: [] for name in methods}
     with tqdm(total=len(methods) * (repeat + 1), desc="measuring", unit="run") as bar:
         for name, method in methods.items():
             bar.set_postfix_str(f"warming up {name}")
@@ -196,8 +237,10 @@ def run_rounds(methods: dict[str, Method], repeat: int, seconds: float, warmup: 
             bar.update()
         for _ in range(repeat):
             for name, method in methods.items():
-                rounds[name].append(method(seconds))
-                bar.set_postfix_str(f"{name} {rounds[name][-1]:.0f} pairs/s")
+                cpu_before = tree_cpu_seconds()
+                pairs, elapsed = method(seconds)
+                rounds[name].append(Reading(pairs, elapsed, tree_cpu_seconds() - cpu_before))
+                bar.set_postfix_str(f"{name} {rounds[name][-1].rate:.0f} pairs/s")
                 bar.update()
     return rounds
 
@@ -227,20 +270,27 @@ def main(argv: list[str]) -> None:
             "raw_decode_dali": stream_method(dali_decode_counts(args.shards, args.split, args.batch_size, args.workers)),
         }
         rounds = run_rounds(methods, args.repeat, args.seconds, args.warmup)
-    rates = {name: statistics.median(values) for name, values in rounds.items()}
-    rates["raw_decode"] = max(rates["raw_decode_pil"], rates["raw_decode_dali"])
+    rates = {name: statistics.median(r.rate for r in readings) for name, readings in rounds.items()}
+    cpu_us = {name: statistics.median(r.cpu_us_per_pair for r in readings) for name, readings in rounds.items()}
+    raw = max(("raw_decode_pil", "raw_decode_dali"), key=rates.get)
+    rates["raw_decode"], cpu_us["raw_decode"] = rates[raw], cpu_us[raw]
 
-    print(f"\n{'method':<16}{'pairs/s':>10}{'x original':>12}{'of raw decode':>15}   rounds")
+    print(f"\n{'method':<16}{'pairs/s':>10}{'x original':>12}{'of raw decode':>15}{'CPU us/pair':>13}   rounds (pairs/s)")
     for name, rate in rates.items():
-        each = " ".join(f"{r:.0f}" for r in rounds.get(name, []))
-        print(f"{name:<16}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / rates['raw_decode']:>15.2f}   {each}")
+        each = " ".join(f"{r.rate:.0f}" for r in rounds.get(name, []))
+        print(f"{name:<16}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / rates['raw_decode']:>15.2f}"
+              f"{cpu_us[name]:>13.0f}   {each}")
     summary = {name: round(rate, 1) for name, rate in rates.items()}
     summary.update(
         dali_x_original=round(rates["dali"] / rates["original"], 2),
         dali_fraction_of_raw_decode=round(rates["dali"] / rates["raw_decode"], 2),
-        raw_decode_method="max of PIL (process per worker, bytes in memory) and DALI CPU decode-only",
+        raw_decode_method=f"faster of PIL (process per worker, bytes in memory) and DALI CPU decode-only: {raw}",
         statistic=f"median of {args.repeat} rounds of {args.seconds:g} s after {args.warmup:g} s warm-up",
-        rounds={name: [round(r, 1) for r in values] for name, values in rounds.items()},
+        rounds={name: [round(r.rate, 1) for r in readings] for name, readings in rounds.items()},
+        cpu_us_per_pair={name: round(value, 1) for name, value in cpu_us.items()},
+        # The same two ratios in CPU time per pair: what they would be with the cores to itself.
+        dali_cpu_x_original=round(cpu_us["original"] / cpu_us["dali"], 2),
+        dali_cpu_fraction_of_raw_decode=round(cpu_us["raw_decode"] / cpu_us["dali"], 2),
         pairs=len(pairs), batch_size=args.batch_size, workers=args.workers,
         loadavg_1min=round(os.getloadavg()[0], 2),
     )
