@@ -41,8 +41,9 @@ class DataConfig(_Section):
     batch_size: PositiveInt  # per process; each G or D update consumes one batch
     image_size: Literal[64] = 64  # the unpadded generator only fits 64x64
     flip: bool = True  # random horizontal flip, same for both members of a pair
-    # DALI CPU threads / torch DataLoader workers per process; None = this machine's usable
-    # cores divided by the processes on it (LOCAL_WORLD_SIZE), so ranks do not oversubscribe.
+    # Cores each process's loader keeps busy (torch DataLoader workers; DALI runs one CPU thread
+    # more); None = this machine's usable cores divided by the processes on it
+    # (LOCAL_WORLD_SIZE), so ranks do not oversubscribe.
     workers: PositiveInt | None = None
 
 

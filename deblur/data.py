@@ -314,9 +314,10 @@ def make_loader(
     (a split with fewer samples than ranks). See the module docstring.
 
     ``device=None`` is the process's current CUDA device when it has one, else the CPU; it is
-    also what selects GPU ("mixed") JPEG decoding in the DALI backend. ``num_workers``: DALI
-    CPU threads or torch DataLoader worker processes; None = this process's usable cores
-    (pass cores // local ranks when several ranks share a machine).
+    also what selects GPU ("mixed") JPEG decoding in the DALI backend. ``num_workers``: the
+    cores the loader may keep busy: torch DataLoader worker processes, or DALI CPU threads (the
+    DALI backend runs one thread more, see deblur.dali_loader); None = this process's usable
+    cores (pass cores // local ranks when several ranks share a machine).
     """
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
