@@ -17,8 +17,8 @@ Workers send uint8 images; conversion to float and normalization happen on the t
 from __future__ import annotations
 
 import io
+import os
 import random
-import signal
 from typing import Iterator
 
 import numpy as np
@@ -136,16 +136,17 @@ class PairStream(IterableDataset):
         return images[:, 0].contiguous(), images[:, 1].contiguous()
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker init: leave SIGTERM/SIGINT to the training process.
+def leave_launcher_process_group(worker_id: int) -> None:
+    """DataLoader worker init: take the worker out of the rank's process group.
 
-    ``accelerate launch`` forwards SIGTERM to each rank's whole process group, workers included;
-    a worker killed by it would crash the rank before the trainer's save-on-signal can run. The
-    trainer stops at the next step boundary and the DataLoader then shuts its workers down (they
-    also exit on their own when the parent dies).
+    ``accelerate launch`` forwards SIGTERM to each rank's whole process group (and a terminal's
+    Ctrl-C reaches its foreground group); a worker killed by it would crash the rank before the
+    trainer's save-on-signal can run. In a session of its own the worker gets neither, while the
+    signals aimed at it alone still work: the DataLoader's and multiprocessing's shutdown
+    ``terminate()`` it (ignoring SIGTERM instead would make that shutdown wait forever for a
+    loader left mid-epoch at exit), and it exits by itself when its parent dies.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setsid()
 
 
 class TorchPairLoader(Position):
@@ -164,7 +165,7 @@ class TorchPairLoader(Position):
         batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                              pin_memory=self.device.type == "cuda",
                              prefetch_factor=4 if self.num_workers else None,
-                             worker_init_fn=ignore_stop_signals)
+                             worker_init_fn=leave_launcher_process_group)
         for item in batches:
             if isinstance(item, ShardError):
                 raise ShardError(*item.args)

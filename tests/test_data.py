@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from deblur.data import find_shards, make_loader
 from deblur.norm import denormalize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BACKENDS = ["dali", "torch"]
 pytestmark = pytest.mark.timeout(300)
@@ -260,3 +265,17 @@ def test_state_from_other_last_batch_policy_is_refused(tiny_shards, backend):
     state = load(tiny_shards, backend, drop_last=True).state_dict()
     with pytest.raises(ValueError, match="drop_last"):
         load(tiny_shards, backend, drop_last=False).load_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_process_that_leaves_a_loader_mid_epoch_exits(tiny_shards, backend):
+    # The torch backend's workers must still stop when the process exits with an epoch
+    # half-read (multiprocessing's exit handler terminates and then joins them).
+    script = (
+        "import sys; from deblur.data import make_loader\n"
+        f"loader = make_loader(sys.argv[1], 'train', batch_size=2, backend={backend!r}, num_workers=2)\n"
+        "batches = iter(loader); next(batches); print('one batch read')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_shards)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "one batch read" in done.stdout, done.stderr[-2000:]
