@@ -38,7 +38,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Protocol
+from typing import Iterable, Iterator, Literal, Protocol
 
 import numpy as np
 import torch
@@ -234,23 +234,30 @@ def manifest_split(shards: Path | str, split: str) -> tuple[list[Path], int]:
     return paths, sum(int(entry["samples"]) for entry in entries)
 
 
+def read_members(shards: Iterable[ShardFile]) -> Iterator[tuple[ShardFile, str, bytes]]:
+    """``(shard, member name, bytes)`` of every image member, in stored order, read at the
+    offsets of the shard's index (the way DALI reads them, without parsing tar headers)."""
+    for shard in shards:
+        with shard.tar.open("rb") as tar:
+            for members in index_rows(shard.idx):
+                for ext in MEMBERS:
+                    offset, size, name = members[ext]
+                    tar.seek(offset)
+                    yield shard, name, tar.read(size)
+
+
 def find_undecodable(part: RankPart) -> str | None:
     """Name the first shard member PIL cannot decode, or None: the diagnosis after a failure.
 
     DALI reports a failed decode without the file; this scan (only run on the error path)
     turns that into "shard X, member Y".
     """
-    for shard in part.shards:
-        with shard.tar.open("rb") as tar:
-            for members in index_rows(shard.idx):
-                for ext in MEMBERS:
-                    offset, size, name = members[ext]
-                    tar.seek(offset)
-                    try:
-                        with Image.open(io.BytesIO(tar.read(size))) as image:
-                            image.convert("RGB")
-                    except (OSError, ValueError, Image.DecompressionBombError) as error:
-                        return f"shard {shard.tar} member {name} ({error})"
+    for shard, name, data in read_members(part.shards):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            return f"shard {shard.tar} member {name} ({error})"
     return None
 
 

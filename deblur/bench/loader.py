@@ -26,9 +26,9 @@ time it used (this process and its worker processes), as microseconds per pair: 
 fall when other jobs take the cores the way pairs/s does (though a virtual machine's per-core
 speed still drifts, about +-8 % within minutes here), so ``dali_cpu_x_original`` and
 ``dali_cpu_fraction_of_raw_decode`` (against the cheaper decode) estimate the two target ratios
-on idle cores. Prints a table of medians with each one's ratio to the
-original way, its fraction of the raw decode rate, its CPU cost and each round's rate; the last
-line is one JSON object (rates in pairs/s).
+on idle cores. Prints a table of medians with each one's ratio to the original way, its
+fraction of the raw decode rate, its CPU cost and each round's rate; the last line is one JSON
+object (rates in pairs/s).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from deblur.data import MEMBERS, find_shards, index_rows, make_loader, usable_cores
+from deblur.data import MEMBERS, find_shards, make_loader, read_members, usable_cores
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -78,17 +78,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def read_pairs(shards: Path, split: str) -> list[tuple[str, bytes, bytes]]:
     """(key, blurred JPEG, sharp JPEG) of every sample of the split, read by index offsets."""
-    pairs = []
-    for shard in find_shards(shards, split):
-        with shard.tar.open("rb") as tar:
-            for members in index_rows(shard.idx):
-                data = []
-                for ext in MEMBERS:
-                    offset, size, name = members[ext]
-                    tar.seek(offset)
-                    data.append(tar.read(size))
-                pairs.append((name.split(".", 1)[0], *data))
-    return pairs
+    members = read_members(find_shards(shards, split))
+    # zip of one iterator with itself takes it two items at a time: each sample yields its
+    # blurred member, then its sharp one (the MEMBERS order).
+    return [(name.split(".", 1)[0], blurred, sharp)
+            for (_, name, blurred), (_, _, sharp) in zip(members, members)]
 
 
 def export_png_folders(pairs: list[tuple[str, bytes, bytes]], root: Path) -> tuple[Path, Path]:
@@ -146,7 +140,7 @@ def tree_cpu_seconds() -> float:
 
     The difference over a measurement is what a method cost in CPU, whether its work ran in
     DALI's threads or in worker processes; unlike pairs/s it does not drop when the machine's
-    other tenants take the cores, so it shows the ratio the targets would have on idle cores.
+    other tenants take the cores (a virtual machine's per-core speed still drifts).
     """
     me = psutil.Process()
     times = me.cpu_times()
