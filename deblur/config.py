@@ -74,7 +74,15 @@ class TrainConfig(_Section):
     max_steps: PositiveInt  # one step = 1 D update + g_updates_per_step G updates
     checkpoint_every: PositiveInt
     keep_checkpoints: PositiveInt = 3
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto = bf16 where the hardware has bf16 matrix units (recent GPUs; CPUs with AMX or
+    # AVX512-BF16), fp32 elsewhere; see deblur/hardware.py. The run logs what it chose and why.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # torch.compile of G and D (in place: state-dict keys are unchanged, so checkpoints move
+    # freely between compiled and eager runs). auto = on for CUDA, off on CPU.
+    compile: bool | Literal["auto"] = "auto"
+    # Models and batches in channels_last memory format (NHWC): the layout cuDNN's and oneDNN's
+    # fastest convolutions use. Off only to measure the difference.
+    channels_last: bool = True
     log_every: PositiveInt = 20
     eval_every: PositiveInt = 500  # validation PSNR/SSIM over the whole val split + sample grid
     sample_images: PositiveInt = 8  # images in the sample grid

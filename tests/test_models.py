@@ -83,3 +83,39 @@ def test_discriminator_parameter_count_matches_the_table():
     convs = sum(conv_params(cin, cout, k) + 2 * cout for cin, cout, k, _s in DISCRIMINATOR_CONVS)  # + BN affine
     linear = 512 * 13 * 13 + 1
     assert sum(p.numel() for p in Discriminator().parameters()) == convs + linear
+
+
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Random non-zero weights everywhere (the residual generator's last layer starts at zero,
+    which would hide differences in it)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("make", [Generator, Discriminator])
+def test_channels_last_models_compute_the_same_outputs(make):
+    model = trained_like(make())
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    expected = model(x)
+    model.to(memory_format=torch.channels_last)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    got = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # The state dict has the same keys and values (only strides differ): checkpoints move freely.
+    reference = make().state_dict()
+    assert model.state_dict().keys() == reference.keys()
+
+
+def test_compiled_generator_agrees_with_eager_and_keeps_its_keys():
+    generator = trained_like(Generator()).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = generator(x)
+        keys = list(generator.state_dict())
+        generator.compile()  # in place, as the trainer does
+        got = generator(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert list(generator.state_dict()) == keys
