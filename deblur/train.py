@@ -14,6 +14,7 @@ batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -26,28 +27,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
-from torchvision.utils import make_grid, save_image
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate.utils import parse_flag_from_env, set_seed
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from deblur.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint, step_dir_name
 from deblur.config import Config, dump_config
 from deblur.data import make_loader, manifest_split, usable_cores
-from deblur.gan import GanStep, restoration_sums, summarize
+from deblur.gan import GanStep, StepStats, make_optimizer, restoration_sums, summarize
+from deblur.hardware import resolve_compile, resolve_precision
 from deblur.models import Discriminator, Generator
 from deblur.norm import denormalize
+from deblur.samples import labelled_grid
 from deblur.weights import save_generator
 
 
 class StopRequest:
-    """SIGTERM/SIGINT only set a flag; the loop acts on it at the next step boundary.
+    """SIGTERM/SIGINT only set a flag; the loop acts on it at a step boundary.
 
     A second signal aborts at once (e.g. Ctrl-C twice when a rank hangs), without saving.
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self._pending: DeviceToHost | None = None
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
@@ -57,31 +61,157 @@ class StopRequest:
         self.requested = True
 
     def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return accelerator.reduce(flag, reduction="sum").item() > 0
+        """True on every rank at the same step once any rank got a signal.
+
+        Called once per step. The all-reduce of this call's flag is read at the next call, so
+        the host never waits for the device here; ranks still agree, since each reads the same
+        reduction, and a stop comes one step later."""
+        previous, flag = self._pending, torch.tensor([float(self.requested)], device=accelerator.device)
+        self._pending = DeviceToHost(accelerator.reduce(flag, reduction="sum"))
+        return previous is not None and previous.get().item() > 0
+
+
+class DeviceToHost:
+    """A device tensor's copy to the host, started now and waited for only in :meth:`get`."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.host = tensor.detach().to("cpu", non_blocking=True)
+        self.ready = None
+        if tensor.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def get(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host
+
+
+class Meter:
+    """Training statistics and skip counters.
+
+    Steps hand in their statistics as device tensors (:meth:`add`); :meth:`read` moves all of
+    them to the host in one transfer, counts skipped updates and stops the run after
+    ``max_consecutive_skips`` in a row. Reading once per logging interval (and before a
+    checkpoint) instead of once per update keeps the host from waiting for the device.
+    """
+
+    def __init__(self, max_consecutive_skips: int, skipped_total: int = 0, consecutive_skips: int = 0) -> None:
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_total = skipped_total
+        self.consecutive_skips = consecutive_skips
+        self._device: list[StepStats] = []
+        self._values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, stats: StepStats) -> None:
+        self._device.append(stats)
+
+    def read(self, step: int) -> None:
+        if not self._device:
+            return
+        results = StepStats.concat(self._device).read()
+        self._device.clear()
+        for result in results:
+            if not result.skipped:
+                self.consecutive_skips = 0
+                for key, value in result.stats.items():
+                    self._values[key].append(value)
+                continue
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"by step {step}: {self.consecutive_skips} updates in a row had a non-finite loss "
+                    f"(train.max_consecutive_skips={self.max_consecutive_skips}); last stats {result.stats}. "
+                    "Lower the learning rates or use bf16 instead of fp16."
+                )
+
+    def counters(self) -> dict[str, int]:
+        return {"skipped_total": self.skipped_total, "consecutive_skips": self.consecutive_skips}
+
+    def summary(self) -> dict[str, float]:
+        """Means of what was read since the last summary, plus the skip counters."""
+        scalars = {key: sum(v) / len(v) for key, v in self._values.items() if v}
+        self._values.clear()
+        return {**scalars, "skips/total": self.skipped_total, "skips/consecutive": self.consecutive_skips}
+
+
+class Feed:
+    """The training batches, endlessly, timing how long the loop waits for each and, with
+    ``train.record_batches``, writing a hash of every image this rank consumed."""
+
+    def __init__(self, loader, updates_per_step: int, record_path: Path | None) -> None:
+        self.batches = endless(loader)
+        self.batches_per_epoch = len(loader)
+        self.updates_per_step = updates_per_step
+        self.record_path = record_path
+        self.wait = 0.0
+        self.step = 0  # the trainer sets it before each step, for the records
+        self._update = 0
+
+    def __iter__(self) -> Feed:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
+        blurred, sharp = next(self.batches)
+        self.wait += time.perf_counter() - start
+        if self.record_path is not None:
+            update = self._update % self.updates_per_step
+            epoch = (self.step * self.updates_per_step + update) // self.batches_per_epoch
+            record_batch(self.record_path, self.step, update, epoch, sharp)
+        self._update += 1
+        return blurred, sharp
+
+
+class _DdpKwargs(DistributedDataParallelKwargs):
+    """DDP without the per-forward buffer broadcast. torch 2.13 renamed ``broadcast_buffers``
+    to ``forward_sync_buffers`` (the old name warns on every process); Accelerate 1.15 only
+    passes the old one, hence this handler (set as ``accelerator.ddp_handler``)."""
+
+    def to_kwargs(self) -> dict[str, Any]:
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+            return {"forward_sync_buffers": False}
+        return {"broadcast_buffers": False}
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    # broadcast_buffers=False: DDP would otherwise copy rank 0's BatchNorm buffers into every
-    # replica in place at each forward, which is what breaks a BN module used twice before one
-    # backward on CUDA. D's running statistics are never used (it always runs in train mode),
-    # so each rank keeping its own is harmless. See deblur/gan.py for the full argument.
-    return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+    """Accelerate with the precision ``train.mixed_precision`` resolves to on this device."""
+    # The process group and device, before the precision is chosen; `cpu` as Accelerator reads
+    # it (a PartialState made without it ignores ACCELERATE_USE_CPU and sees one process).
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    precision, why = resolve_precision(cfg.train.mixed_precision, device)
+    accelerator = Accelerator(
+        mixed_precision=precision,
         log_with="wandb" if cfg.wandb.mode != "disabled" else None,
         project_dir=str(cfg.output_dir),
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+    # No buffer broadcast at each forward: it copies rank 0's BatchNorm buffers into every
+    # replica in place, which is what breaks a BN module used twice before one backward on
+    # CUDA. D's running statistics are never used (it always runs in train mode), so each rank
+    # keeping its own is harmless. See deblur/gan.py for the full argument.
+    accelerator.ddp_handler = _DdpKwargs()
+    accelerator.print(f"precision: {precision} ({why})")
+    return accelerator
 
 
 def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
+    """G, D and their optimizers, prepared for this run: channels_last and compiled as the
+    config says (both in place, so state-dict keys and checkpoints are the same either way)."""
     set_seed(cfg.seed)  # the same seed on every rank: identical initial replicas
     generator = Generator(residual=cfg.model.residual)
     discriminator = Discriminator()
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    g_optimizer = torch.optim.Adam(generator.parameters(), lr=cfg.optim.g_lr, betas=betas)
-    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.d_lr, betas=betas)
+    compiled, why = resolve_compile(cfg.train.compile, accelerator.device)
+    for model in (generator, discriminator):
+        if cfg.train.channels_last:
+            # Before DDP wraps the model: its gradient buckets take the parameters' layout.
+            model.to(memory_format=torch.channels_last)
+        if compiled:
+            model.compile()
+    accelerator.print(f"compile: {'on' if compiled else 'off'} ({why}); "
+                      f"memory format: {'channels_last' if cfg.train.channels_last else 'contiguous (NCHW)'}")
+    g_optimizer = make_optimizer(generator, cfg.optim.g_lr, cfg.optim)
+    d_optimizer = make_optimizer(discriminator, cfg.optim.d_lr, cfg.optim)
     # Order matters for checkpoints: model.safetensors is G, model_1.safetensors is D.
     generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(
         generator, discriminator, g_optimizer, d_optimizer
@@ -200,15 +330,16 @@ def evaluate(accelerator: Accelerator, gan: GanStep, loader) -> tuple[dict[str, 
 
 @torch.no_grad()
 def save_samples(accelerator: Accelerator, gan: GanStep, batch, count: int, path: Path) -> None:
-    """Grid of three rows: blurred | restored | sharp, as [0, 1] images."""
+    """The sample grid: rows blurred | restored | sharp, labelled, each image enlarged 3x."""
     blurred, sharp = (t[:count] for t in batch)
     # Unwrapped: this runs on the main process only, and a DDP forward on one rank alone must
     # never be in a position to wait for the others.
     with accelerator.autocast():
         restored = accelerator.unwrap_model(gan.generator)(blurred)
-    rows = [denormalize(t.float()).clamp(0, 1).cpu() for t in (blurred, restored, sharp)]
+    rows = {name: denormalize(t.float()).clamp(0, 1).cpu() for name, t in
+            (("blurred (input)", blurred), ("restored (G)", restored), ("sharp (target)", sharp))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(torch.cat(rows), nrow=blurred.shape[0], padding=2), path)
+    labelled_grid(rows, scale=3).save(path)
 
 
 def replica_fingerprints(accelerator: Accelerator, gan: GanStep) -> list[str]:
@@ -247,6 +378,31 @@ def write_final_outputs(cfg: Config, accelerator: Accelerator, gan: GanStep, ste
     (cfg.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
 
+def interval_scalars(gan: GanStep, meter: Meter, feed: Feed, accelerator: Accelerator, images: int, elapsed: float) -> dict[str, float]:
+    """Everything logged every ``train.log_every`` steps; ``images`` were consumed by this rank
+    in ``elapsed`` seconds of training (evaluation and checkpoints not counted)."""
+    per_process = images / elapsed
+    scalars = {
+        **meter.summary(),
+        "lr/generator": gan.g_optimizer.param_groups[0]["lr"],
+        "lr/discriminator": gan.d_optimizer.param_groups[0]["lr"],
+        "perf/images_per_s": per_process * accelerator.num_processes,
+        "perf/images_per_s_per_process": per_process,
+        "perf/data_wait_fraction": min(1.0, feed.wait / elapsed),
+    }
+    if accelerator.device.type == "cuda":
+        scalars["perf/gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return scalars
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One readable line of :func:`summarize`'s output."""
+    if not metrics["images"]:
+        return "no images"
+    return (f"{metrics['images']} images: restored PSNR {metrics['psnr_restored']:.2f} dB, SSIM {metrics['ssim_restored']:.3f}; "
+            f"blurred input PSNR {metrics['psnr_blurred']:.2f} dB, SSIM {metrics['ssim_blurred']:.3f}")
+
+
 def train(cfg: Config) -> str:
     """Run (or resume) training. Returns "finished" or "stopped" (signal; checkpoint saved)."""
     accelerator = build_accelerator(cfg)
@@ -268,94 +424,48 @@ def train(cfg: Config) -> str:
     val_loader = build_loader(cfg, accelerator, "val", train=False)
 
     # Resume: the same command continues from the latest complete checkpoint.
-    step, skipped_total, consecutive_skips = 0, 0, 0
+    step, counters = 0, {}
     resume_from = latest_checkpoint(checkpoints)
     if resume_from is not None:
         trainer_state, loader_state = load_checkpoint(accelerator, resume_from)
         train_loader.load_state_dict(loader_state)
         step = trainer_state["step"]
-        skipped_total = trainer_state["skipped_total"]
-        consecutive_skips = trainer_state["consecutive_skips"]
+        counters = {k: trainer_state[k] for k in ("skipped_total", "consecutive_skips")}
         if (resume_from / "config.yaml").read_text() != config_yaml:
             accelerator.print(f"warning: the config differs from the one saved in {resume_from}")
         accelerator.print(f"resumed from {resume_from} at step {step}")
 
     init_tracking(cfg, accelerator)
     log = Log(cfg, accelerator)
+    meter = Meter(cfg.train.max_consecutive_skips, **counters)
     updates_per_step = 1 + cfg.loss.g_updates_per_step
-    batches_per_epoch = len(train_loader)
-    batches = endless(train_loader)
-    record_path = out / f"batches-rank{accelerator.process_index}.jsonl"
+    record = out / f"batches-rank{accelerator.process_index}.jsonl" if cfg.train.record_batches else None
+    feed = Feed(train_loader, updates_per_step, record)
 
     def checkpoint() -> None:
-        save_checkpoint(
-            accelerator,
-            checkpoints,
-            step,
-            train_loader.state_dict(),
-            {"skipped_total": skipped_total, "consecutive_skips": consecutive_skips},
-            config_yaml,
-            keep=cfg.train.keep_checkpoints,
-        )
+        meter.read(step)
+        save_checkpoint(accelerator, checkpoints, step, train_loader.state_dict(), meter.counters(), config_yaml,
+                        keep=cfg.train.keep_checkpoints)
 
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    meters: dict[str, list[float]] = defaultdict(list)
     # Throughput intervals leave out time spent evaluating and checkpointing (`paused`).
-    interval_start, data_wait, interval_steps, paused = time.perf_counter(), 0.0, 0, 0.0
+    interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
     stopped = False
     while step < cfg.train.max_steps:
-        # One GAN step: a D update, then g_updates_per_step G updates, each on a fresh batch.
-        for update in range(updates_per_step):
-            wait_start = time.perf_counter()
-            blurred, sharp = next(batches)
-            data_wait += time.perf_counter() - wait_start
-            if cfg.train.record_batches:
-                epoch = (step * updates_per_step + update) // batches_per_epoch
-                record_batch(record_path, step, update, epoch, sharp)
-            result = gan.d_update(blurred, sharp) if update == 0 else gan.g_update(blurred, sharp)
-            # All ranks reach the same verdict (the loss was all-reduced), so they skip together.
-            if result.skipped:
-                skipped_total += 1
-                consecutive_skips += 1
-                if consecutive_skips >= cfg.train.max_consecutive_skips:
-                    raise FloatingPointError(
-                        f"step {step}: {consecutive_skips} updates in a row had a non-finite loss "
-                        f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); last stats {result.stats}. "
-                        "Lower the learning rates or use bf16 instead of fp16."
-                    )
-            else:
-                consecutive_skips = 0
-                for key, value in result.stats.items():
-                    meters[key].append(value)
+        feed.step = step
+        meter.add(gan.step(feed))
         step += 1
         interval_steps += 1
         progress.update(1)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - interval_start - paused
-            per_process = interval_steps * updates_per_step * cfg.data.batch_size / elapsed
-            scalars = {key: sum(v) / len(v) for key, v in meters.items() if v}
-            scalars.update(
-                {
-                    "lr/generator": gan.g_optimizer.param_groups[0]["lr"],
-                    "lr/discriminator": gan.d_optimizer.param_groups[0]["lr"],
-                    "perf/images_per_s": per_process * accelerator.num_processes,
-                    "perf/images_per_s_per_process": per_process,
-                    "perf/data_wait_fraction": data_wait / elapsed,
-                    "skips/total": skipped_total,
-                    "skips/consecutive": consecutive_skips,
-                }
-            )
-            if accelerator.device.type == "cuda":
-                scalars["perf/gpu_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            meter.read(step)
+            images = interval_steps * updates_per_step * cfg.data.batch_size
+            scalars = interval_scalars(gan, meter, feed, accelerator, images, time.perf_counter() - interval_start - paused)
             log.scalars(scalars, step)
-            progress.set_postfix(
-                g=f"{scalars.get('g/loss', float('nan')):.3f}",
-                d=f"{scalars.get('d/loss', float('nan')):.3f}",
-                img_s=f"{per_process * accelerator.num_processes:.0f}",
-            )
-            meters.clear()
-            interval_start, data_wait, interval_steps, paused = time.perf_counter(), 0.0, 0, 0.0
+            progress.set_postfix(g=f"{scalars.get('g/loss', float('nan')):.3f}", d=f"{scalars.get('d/loss', float('nan')):.3f}",
+                                 img_s=f"{scalars['perf/images_per_s']:.0f}")
+            interval_start, interval_steps, paused, feed.wait = time.perf_counter(), 0, 0.0, 0.0
 
         pause_start = time.perf_counter()
         if val_loader is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
@@ -386,6 +496,6 @@ def train(cfg: Config) -> str:
             log.scalars({f"test/{k}": v for k, v in test_metrics.items()}, step)
         else:
             accelerator.print("warning: no test images; metrics.json holds no test metrics")
-        accelerator.print(f"done: {out / 'generator.safetensors'}, test metrics {test_metrics}")
+        accelerator.print(f"done: {out / 'generator.safetensors'}; test split, {format_metrics(test_metrics)}")
     accelerator.end_training()
     return "stopped" if stopped else "finished"

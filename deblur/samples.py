@@ -1,0 +1,30 @@
+"""Sample grids a person can read: one labelled row per kind of image, enlarged."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
+
+LABEL_WIDTH = 190
+PADDING = 4
+
+
+def labelled_grid(rows: dict[str, torch.Tensor], scale: int = 3) -> Image.Image:
+    """One row per entry (label -> (N, 3, H, W) images in [0, 1], N the same for all), each
+    image enlarged ``scale`` times with nearest-neighbour (pixels stay visible as pixels), the
+    label written left of its row."""
+    images = torch.cat(list(rows.values()))
+    columns = next(iter(rows.values())).shape[0]
+    images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=columns, padding=PADDING, pad_value=1.0)
+    pixels = grid.mul(255).round().byte().permute(1, 2, 0).numpy()
+    picture = Image.fromarray(pixels)
+    canvas = Image.new("RGB", (LABEL_WIDTH + picture.width, picture.height), "white")
+    canvas.paste(picture, (LABEL_WIDTH, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=20)
+    row_height = images.shape[-2] + PADDING
+    for i, label in enumerate(rows):
+        draw.text((8, PADDING + i * row_height + row_height // 2), label, fill="black", font=font, anchor="lm")
+    return canvas
