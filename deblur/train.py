@@ -282,7 +282,13 @@ def init_tracking(cfg: Config, accelerator: Accelerator) -> None:
     }
     if cfg.wandb.entity:
         init["entity"] = cfg.wandb.entity
-    accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": init})
+    resolved = {
+        "mixed_precision": resolve_precision(cfg.train.mixed_precision, accelerator.device)[0],
+        "compile": resolve_compile(cfg.train.compile, accelerator.device)[0],
+        "device": str(accelerator.device),
+    }
+    config = {**cfg.to_dict(), "resolved": resolved}
+    accelerator.init_trackers(cfg.wandb.project, config=config, init_kwargs={"wandb": init})
 
 
 class Log:

@@ -158,6 +158,7 @@ def test_wandb_run_lives_in_the_output_dir(reference):
     records = list(runs[0].glob("run-*.wandb"))
     assert len(records) == 1
     assert b"max_consecutive_skips" in records[0].read_bytes()  # the resolved config is in the run
+    assert b"resolved" in records[0].read_bytes()  # with what auto chose
     assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))  # the sample grid
 
 
