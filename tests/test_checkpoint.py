@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,14 @@ def test_a_loader_position_moves_to_the_start_of_its_epoch_under_a_new_layout(ti
     with pytest.raises(ValueError, match="batch_size"):
         other = loader(0, 1, batch_size=3)
         other.load_state_dict(ckpt.relayout_loader_state(saved, other.state_dict()))
+
+
+def test_bench_times_durable_and_unsynced_saves(tmp_path):
+    # A subprocess: the bench creates an Accelerator, whose state is per process.
+    cmd = [sys.executable, "-m", "deblur.bench", "checkpoint", "--repeat", "1", "--dir", str(tmp_path)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "checkpoint" and 80 < result["size_mib"] < 100
+    assert result["median_ms"]["durable"] > 0 and result["median_ms"]["no fsync"] > 0 and result["verify_ms"] > 0
+    assert list(tmp_path.iterdir()) == []  # its checkpoints are removed
