@@ -166,11 +166,10 @@ def choose_checkpoint(checkpoints: Path) -> tuple[Path | None, list[str]]:
     set_aside_before = sorted(p.name for p in checkpoints.glob(SET_ASIDE + "*")) if checkpoints.is_dir() else []
     if set_aside_before:
         raise CheckpointError(
-            f"no checkpoint in {checkpoints} verifies. "
-            + " ".join(notes)
-            + f" Damaged checkpoints kept there: {set_aside_before}. Nothing was deleted. To start "
-            "over from step 0 move them out of the folder (or use another output_dir); "
-            "`python -m deblur.checkpoint` lists what is there"
+            "\n  ".join([f"no checkpoint in {checkpoints} verifies:", *notes])
+            + f"\nDamaged checkpoints kept there (nothing was deleted): {', '.join(set_aside_before)}. "
+            f"To start over from step 0, move them out of {checkpoints} or use another output_dir; "
+            f"`python -m deblur.checkpoint {checkpoints}` lists them"
         )
     return None, notes
 
@@ -228,7 +227,8 @@ def save_checkpoint(
         if final.exists():
             raise FileExistsError(f"{final} already exists; a step is never saved twice")
         os.replace(tmp, final)
-        fsync_path(checkpoints)  # the rename itself survives a crash
+        for folder in (checkpoints, checkpoints.parent):  # the rename, and checkpoints/ of a first save
+            fsync_path(folder)
         for _, old in complete_checkpoints(checkpoints)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -329,6 +329,10 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
+def mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20
+
+
 def describe(checkpoints: Path) -> tuple[list[str], bool]:
     """Lines listing every checkpoint (step, processes, size, verifies?), and whether the newest verifies."""
     lines, newest_ok = [f"{'checkpoint':<24} {'step':>9} {'procs':>5} {'size':>10}  status"], False
@@ -338,12 +342,11 @@ def describe(checkpoints: Path) -> tuple[list[str], bool]:
             processes = str(json.loads((path / TRAINER_STATE).read_text())["world_size"])
         except (OSError, ValueError, KeyError):
             processes = "?"
-        size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20
         newest_ok = not problems
         status = "ok" if newest_ok else "DAMAGED: " + "; ".join(problems)
-        lines.append(f"{path.name:<24} {step:>9} {processes:>5} {size:>8.1f}MB  {status}")
+        lines.append(f"{path.name:<24} {step:>9} {processes:>5} {mib(path):>7.1f}MiB  {status}")
     for path in sorted(checkpoints.glob(SET_ASIDE + "*")) if checkpoints.is_dir() else []:
-        lines.append(f"{path.name:<24} {'':>9} {'':>5} {'':>10}  set aside earlier (damaged)")
+        lines.append(f"{path.name:<24} {'':>9} {'':>5} {mib(path):>7.1f}MiB  set aside as damaged")
     if len(lines) == 1:
         lines.append(f"no checkpoints in {checkpoints}")
     return lines, newest_ok

@@ -72,7 +72,7 @@ def test_a_save_is_flushed_before_it_is_published_and_lists_every_file(tmp_path,
     # Every file, the manifest and the folder reach the disk before the rename; the parent after it.
     before_rename = {name for name, published in synced if not published}
     assert set(manifest) | {ckpt.MANIFEST + ".partial", ".tmp-step-0000010"} <= before_rename
-    assert ("checkpoints", True) in synced
+    assert ("checkpoints", True) in synced and (tmp_path.name, True) in synced
     assert ckpt.verify_checkpoint(final) == []
 
 
@@ -124,7 +124,7 @@ def test_with_no_checkpoint_that_verifies_the_error_names_them_and_nothing_is_de
         ckpt.choose_checkpoint(checkpoints)
     message = str(error.value)
     assert "no checkpoint in" in message and "optimizer.bin does not match" in message
-    assert "manifest.json is missing" in message and "Nothing was deleted" in message
+    assert "manifest.json is missing" in message and "nothing was deleted" in message
     assert sorted(snapshot(checkpoints).values()) == before
     assert sorted(p.name for p in checkpoints.iterdir()) == ["corrupt-step-0000010", "corrupt-step-0000020"]
     # Rerunning does not quietly start over from step 0 either.

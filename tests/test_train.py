@@ -319,3 +319,21 @@ def test_resume_on_one_process_then_on_two(reference, tiny_shards, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == STEPS + CHECKPOINT_EVERY
     assert metrics["replica_param_sha256"][0] == metrics["replica_param_sha256"][1]
+
+
+def test_with_no_checkpoint_that_verifies_every_rank_stops_with_one_clear_error(reference, tiny_shards, tmp_path):
+    out = tmp_path / "none-verifies"
+    saved = reference / "checkpoints" / f"step-{STEPS:07d}"
+    shutil.copytree(saved, out / "checkpoints" / saved.name)
+    damaged = bytearray((saved / "optimizer.bin").read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    (out / "checkpoints" / saved.name / "optimizer.bin").write_bytes(damaged)
+    proc = start(tiny_shards, out)
+    log = finish(proc, out)
+    assert proc.returncode != 0
+    assert log.count(f"error: no checkpoint in {out / 'checkpoints'} verifies") == 1
+    assert "optimizer.bin does not match its sha256 in manifest.json" in log
+    aside = out / "checkpoints" / f"corrupt-step-{STEPS:07d}"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [aside.name]  # nothing deleted
+    assert (aside / "optimizer.bin").read_bytes() == damaged
+    assert not (out / "log.jsonl").exists()  # no step was trained
