@@ -308,12 +308,14 @@ def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, fresh_loader_
     loader_state = relayout_loader_state(saved, fresh_loader_state)
     again = ("that epoch had been read to its end" if loader_state["epoch"] > saved["epoch"]
              else "what the ranks had read of it is read again")
+    if loader_state["settings"]["backend"] == "dali":
+        again += "; the DALI pipeline restarts from its seed, so its shuffle is not an uninterrupted run's"
     report += [
         f"the checkpoint was written by {plural(saved_processes, 'process')}, this run has {processes}; kept "
         "exactly: generator, discriminator, both optimizers, the loss scaler (fp16 runs), step and skip counters",
         f"data position not kept: the ranks were at batch {saved['batch']} of {epoch_batches(saved['settings'])} "
         f"in epoch {saved['epoch']}; every rank now starts epoch {loader_state['epoch']} at batch 0 of its new part "
-        f"({again}; a DALI pipeline restarts from its seed, so its shuffle is not an uninterrupted run's)",
+        f"({again})",
         f"RNG states: {ranks(0, min(saved_processes, processes) - 1)} restored from random_states_<rank>.pkl; "
         + (f"those of {ranks(processes, saved_processes - 1)} not used" if saved_processes > processes
            else f"none saved for {ranks(saved_processes, processes - 1)}, seeded as at a fresh start"),
