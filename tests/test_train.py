@@ -2,7 +2,9 @@
 
 Every run goes through the real entry point, exactly as a user starts it:
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...
-Runs are tiny (batch 2 per process, 12 steps) so the whole file takes a couple of minutes.
+Runs are tiny (batch 2 per process, 12 steps) so the whole file takes a couple of minutes. The
+resume-on-another-size test also launches one process (``--num_processes 1``); the checkpoint
+tests start from copies of the reference run's checkpoints to stay short.
 """
 
 from __future__ import annotations
