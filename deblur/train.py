@@ -1,7 +1,7 @@
 """The training loop: ``accelerate launch launch/train.py --config configs/ddp.yaml [key=value ...]``.
 
 Read top to bottom: set up Accelerate, models, optimizers and the per-rank loaders; resume from
-the latest complete checkpoint in ``output_dir``; then repeat GAN steps (see deblur/gan.py),
+the newest checkpoint in ``output_dir`` that verifies; then repeat GAN steps (see deblur/gan.py),
 logging, evaluating, checkpointing, until ``train.max_steps`` or a stop signal; finally write
 ``generator.safetensors`` and ``metrics.json`` (test split).
 
@@ -32,7 +32,7 @@ from accelerate.utils import parse_flag_from_env, set_seed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from deblur.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint, step_dir_name
+from deblur.checkpoint import remove_partial_saves, resume_checkpoint, save_checkpoint, step_dir_name
 from deblur.config import Config, dump_config
 from deblur.data import make_loader, manifest_split, usable_cores
 from deblur.gan import GanStep, StepStats, make_optimizer, restoration_sums, summarize
@@ -429,17 +429,18 @@ def train(cfg: Config) -> str:
         raise ValueError(f"{cfg.data.shards}: the train split is empty")
     val_loader = build_loader(cfg, accelerator, "val", train=False)
 
-    # Resume: the same command continues from the latest complete checkpoint.
+    # Resume: the same command continues from the newest checkpoint that verifies, on any
+    # number of processes (deblur/checkpoint.py says what carries over).
     step, counters = 0, {}
-    resume_from = latest_checkpoint(checkpoints)
-    if resume_from is not None:
-        trainer_state, loader_state = load_checkpoint(accelerator, resume_from)
-        train_loader.load_state_dict(loader_state)
-        step = trainer_state["step"]
-        counters = {k: trainer_state[k] for k in ("skipped_total", "consecutive_skips")}
-        if (resume_from / "config.yaml").read_text() != config_yaml:
-            accelerator.print(f"warning: the config differs from the one saved in {resume_from}")
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+    resumed = resume_checkpoint(accelerator, checkpoints, train_loader.state_dict())
+    if resumed is not None:
+        train_loader.load_state_dict(resumed.loader_state)
+        step = resumed.trainer_state["step"]
+        counters = {k: resumed.trainer_state[k] for k in ("skipped_total", "consecutive_skips")}
+        if (resumed.path / "config.yaml").read_text() != config_yaml:
+            accelerator.print(f"warning: the config differs from the one saved in {resumed.path}")
+        for line in resumed.report:
+            accelerator.print(line)
 
     init_tracking(cfg, accelerator)
     log = Log(cfg, accelerator)

@@ -16,8 +16,10 @@ script; everything after it (``--config``, overrides) is ours.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from deblur.checkpoint import CheckpointError
 from deblur.config import ConfigError, load_config
 from deblur.train import train
 
@@ -32,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    train(cfg)
+    try:
+        train(cfg)
+    except CheckpointError as exc:  # every rank raises it; one message is enough
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

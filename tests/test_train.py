@@ -2,13 +2,16 @@
 
 Every run goes through the real entry point, exactly as a user starts it:
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...
-Runs are tiny (batch 2 per process, 12 steps) so the whole file takes a couple of minutes.
+Runs are tiny (batch 2 per process, 12 steps) so the whole file takes a couple of minutes. The
+resume-on-another-size test also launches one process (``--num_processes 1``); the checkpoint
+tests start from copies of the reference run's checkpoints to stay short.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from deblur.checkpoint import state_digest, verify_checkpoint
 from deblur.config import load_config
 from deblur.data import manifest_split
 from deblur.models import Generator
@@ -40,10 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(shards: Path, out: Path, *overrides: str) -> subprocess.Popen:
-    """Start a 2-process CPU run; output goes to out/../<out.name>.log (appended)."""
+def start(shards: Path, out: Path, *overrides: str, processes: int = 2) -> subprocess.Popen:
+    """Start a CPU run (2 processes unless told); output goes to out/../<out.name>.log (appended)."""
+    launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
     cmd = [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        str(ACCELERATE), "launch", *launcher, "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
         f"data.shards={shards}", f"output_dir={out}", "data.batch_size=2", "data.flip=false", "data.workers=1",
@@ -65,8 +70,8 @@ def finish(proc: subprocess.Popen, out: Path) -> str:
     return (out.parent / f"{out.name}.log").read_text()
 
 
-def run(shards: Path, out: Path, *overrides: str) -> str:
-    proc = start(shards, out, *overrides)
+def run(shards: Path, out: Path, *overrides: str, processes: int = 2) -> str:
+    proc = start(shards, out, *overrides, processes=processes)
     text = finish(proc, out)
     assert proc.returncode == 0, text[-4000:]
     return text
@@ -263,22 +268,96 @@ def test_non_finite_losses_stop_every_rank_with_a_clear_error(tiny_shards, tmp_p
     assert "train.max_consecutive_skips=3" in log
 
 
+def saved_state_digest(checkpoint: Path) -> str:
+    """The digest of the models and optimizers as stored in a checkpoint's files."""
+    models = [load_file(checkpoint / name) for name in ("model.safetensors", "model_1.safetensors")]
+    optimizers = [torch.load(checkpoint / name) for name in ("optimizer.bin", "optimizer_1.bin")]
+    return state_digest(models, optimizers)
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_replays_from_the_previous_one(reference, tiny_shards, tmp_path):
+    # What a node crash can leave on a filesystem that never got the data: the newest
+    # checkpoint's weights cut short. The rerun names the file, keeps it aside, and resumes
+    # from the one before, replaying the same batches to the same weights.
+    out = tmp_path / "damaged"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / f"step-{STEPS:07d}"
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    log = run(tiny_shards, out)
+    assert f"checkpoint {newest} is damaged: model.safetensors has 1000 bytes" in log
+    assert f"set aside as corrupt-step-{STEPS:07d}" in log
+    previous = out / "checkpoints" / f"step-{STEPS - CHECKPOINT_EVERY:07d}"
+    assert f"resumed from {previous} at step {STEPS - CHECKPOINT_EVERY}" in log
+    assert (out / "checkpoints" / f"corrupt-step-{STEPS:07d}" / "model.safetensors").stat().st_size == 1000
+    assert verify_checkpoint(newest) == []  # saved again by the resumed run
+    assert_same_weights(generator_weights(out), generator_weights(reference))
+    for rank in (0, 1):
+        replayed = batches(out, rank)
+        assert replayed == {key: batches(reference, rank)[key] for key in replayed}
+
+
+def test_resume_on_one_process_then_on_two(reference, tiny_shards, tmp_path):
+    # A 2-process checkpoint resumed by 1 process, whose checkpoint is then resumed by 2: the
+    # models and optimizers loaded are the saved ones (digest logged at resume = digest of the
+    # files), the data restarts at the start of the epoch, and both runs train to the end.
+    out = tmp_path / "resized"
+    start_step = STEPS - CHECKPOINT_EVERY
+    two = reference / "checkpoints" / f"step-{start_step:07d}"
+    shutil.copytree(two, out / "checkpoints" / two.name)
+    loader = json.loads((two / "loader-rank0.json").read_text())
+
+    log = run(tiny_shards, out, processes=1)
+    assert f"resumed from {out / 'checkpoints' / two.name} at step {start_step}; models and optimizers sha256 {saved_state_digest(two)}" in log
+    assert "written by 2 processes, this run has 1" in log
+    per_rank = loader["settings"]["samples"] // 2 // 2  # two ranks, batch 2
+    assert f"the ranks were at batch {loader['batch']} of {per_rank} in epoch {loader['epoch']}; every rank now starts epoch {loader['epoch']} at batch 0" in log
+    assert "RNG states: rank 0 restored from random_states_<rank>.pkl; those of rank 1 not used" in log
+    one = out / "checkpoints" / f"step-{STEPS:07d}"
+    assert json.loads((one / "trainer.json").read_text())["world_size"] == 1
+    assert json.loads((out / "metrics.json").read_text())["step"] == STEPS
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "g/loss" in r] == list(range(start_step + 1, STEPS + 1))
+
+    log = run(tiny_shards, out, f"train.max_steps={STEPS + CHECKPOINT_EVERY}")
+    assert f"resumed from {one} at step {STEPS}; models and optimizers sha256 {saved_state_digest(one)}" in log
+    assert "written by 1 process, this run has 2" in log
+    assert "none saved for rank 1, seeded as at a fresh start" in log
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == STEPS + CHECKPOINT_EVERY
+    assert metrics["replica_param_sha256"][0] == metrics["replica_param_sha256"][1]
+
+
+def test_with_no_checkpoint_that_verifies_every_rank_stops_with_one_clear_error(reference, tiny_shards, tmp_path):
+    out = tmp_path / "none-verifies"
+    saved = reference / "checkpoints" / f"step-{STEPS:07d}"
+    shutil.copytree(saved, out / "checkpoints" / saved.name)
+    damaged = bytearray((saved / "optimizer.bin").read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    (out / "checkpoints" / saved.name / "optimizer.bin").write_bytes(damaged)
+    proc = start(tiny_shards, out)
+    log = finish(proc, out)
+    assert proc.returncode != 0
+    assert log.count(f"error: no checkpoint in {out / 'checkpoints'} verifies") == 1
+    assert "optimizer.bin does not match its sha256 in manifest.json" in log
+    aside = out / "checkpoints" / f"corrupt-step-{STEPS:07d}"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [aside.name]  # nothing deleted
+    assert (aside / "optimizer.bin").read_bytes() == damaged
+    assert not (out / "log.jsonl").exists()  # no step was trained
+
+
 def run_one_process(shards: Path, out: Path, *overrides: str) -> str:
-    """A single-process run (no launcher), as `python launch/train.py --config ...`."""
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-           f"data.shards={shards}", f"output_dir={out}", "data.batch_size=2", "data.flip=false", "data.workers=1",
-           "train.log_every=1", "train.eval_every=100", "wandb.mode=disabled", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT * 2)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
+    """A 1-process run; returns only what this run logged (the log file is appended to)."""
+    log_file = out.parent / f"{out.name}.log"
+    before = len(log_file.read_text()) if log_file.exists() else 0
+    return run(shards, out, "train.record_batches=false", *overrides, processes=1)[before:]
 
 
 def test_checkpoints_resume_across_the_compile_switch(tiny_shards, tmp_path):
     # Eager for 2 steps, compiled from 2 to 3, eager again from 3 to 4: every resume loads the
     # other mode's checkpoint with strict keys, and the result matches a plain eager run up to
     # compiled-kernel rounding (fp32, so that rounding is small).
-    steps = ("train.checkpoint_every=1", "train.keep_checkpoints=5", "train.mixed_precision=no")
+    steps = ("train.checkpoint_every=1", "train.keep_checkpoints=5", "train.mixed_precision=no", "train.eval_every=100")
     reference = tmp_path / "eager"
     run_one_process(tiny_shards, reference, "train.max_steps=4", "train.compile=false", *steps)
     out = tmp_path / "switch"

@@ -11,24 +11,24 @@ from deblur.models import Discriminator
 from deblur.norm import normalize
 
 
-def make_checkpoint(root, step, complete=True):
+def make_checkpoint(root, step):
     path = root / step_dir_name(step)
     path.mkdir(parents=True)
-    if complete:
-        (path / "trainer.json").write_text("{}")
+    (path / "trainer.json").write_text("{}")
     return path
 
 
-def test_latest_checkpoint_ignores_partial_saves(tmp_path):
+def test_latest_checkpoint_ignores_partial_saves_and_set_aside_ones(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
     make_checkpoint(tmp_path, 100)
-    newest_complete = make_checkpoint(tmp_path, 200)
-    make_checkpoint(tmp_path, 300, complete=False)  # no trainer.json: never finished
-    (tmp_path / ".tmp-step-0000400").mkdir()
-    assert latest_checkpoint(tmp_path) == newest_complete
+    newest = make_checkpoint(tmp_path, 200)
+    (tmp_path / ".tmp-step-0000400").mkdir()  # a save that never finished
+    (tmp_path / "corrupt-step-0000300").mkdir()  # set aside as damaged
+    assert latest_checkpoint(tmp_path) == newest
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [100, 200]
     remove_partial_saves(tmp_path)
-    assert not (tmp_path / ".tmp-step-0000400").exists() and newest_complete.exists()
+    assert not (tmp_path / ".tmp-step-0000400").exists() and newest.exists()
+    assert (tmp_path / "corrupt-step-0000300").exists()
 
 
 def test_step_dirs_sort_numerically_past_seven_digits(tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m deblur.bench {shard,loader,train} [options]``.
+"""Benchmarks: ``python -m deblur.bench {shard,loader,train,checkpoint} [options]``.
 
 Each subcommand lives in its own module; ``--help`` after the subcommand lists its options.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m deblur.bench {shard,loader,train} [options]"
+USAGE = "usage: python -m deblur.bench {shard,loader,train,checkpoint} [options]"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
         from deblur.bench import loader as bench
     elif name == "train":
         from deblur.bench import train as bench
+    elif name == "checkpoint":
+        from deblur.bench import checkpoint as bench
     else:
         raise SystemExit(f"unknown benchmark {name!r}; {USAGE}")
     bench.main(rest)

@@ -1,0 +1,83 @@
+"""What a durable checkpoint costs: ``python -m deblur.bench checkpoint [--repeat 5] [--dir DIR]``.
+
+Saves the full-size models (generator, discriminator and both Adam states, as the trainer does,
+one process) with deblur.checkpoint.save_checkpoint, alternating two ways: as shipped (every
+file, the manifest, the folder and its parent fsynced) and with ``os.fsync`` made a no-op, so
+the difference is the price of durability. Both write the sha256 manifest; verifying one
+checkpoint (what resuming does before loading it) is timed on its own. ``os.sync()`` runs,
+untimed, before every save so that neither way pays for the other's dirty pages. ``--dir``
+should be on the filesystem the runs write to (default: a temporary folder under the current
+one). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+from accelerate import Accelerator
+
+from deblur.checkpoint import save_checkpoint, verify_checkpoint
+from deblur.models import Discriminator, Generator
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m deblur.bench checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5, help="saves per way; each way's figure is its median")
+    parser.add_argument("--dir", type=Path, default=Path("."), help="where the temporary checkpoints go")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be positive")
+    return args
+
+
+def prepared_models(accelerator: Accelerator) -> None:
+    """The trainer's models and optimizers, prepared, after one update so Adam's moments exist."""
+    models = [Generator(residual=True), Discriminator()]
+    optimizers = [torch.optim.Adam(m.parameters()) for m in models]
+    images = torch.randn(2, 3, 64, 64)
+    for model, optimizer in zip(models, optimizers):
+        model(images).float().mean().backward()
+        optimizer.step()
+    accelerator.prepare(*models, *optimizers)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    prepared_models(accelerator)
+    seconds: dict[str, list[float]] = {"durable": [], "no fsync": []}
+    verify_s = []
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-checkpoint-") as tmp:
+        checkpoints = Path(tmp) / "checkpoints"
+        for step in range(args.repeat):
+            for way in seconds:
+                os.sync()
+                start = time.perf_counter()
+                with mock.patch("os.fsync") if way == "no fsync" else contextlib.nullcontext():
+                    final = save_checkpoint(accelerator, checkpoints / way.replace(" ", "-"), step, {}, {},
+                                            "bench: true\n", keep=1)
+                seconds[way].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            assert verify_checkpoint(final) == []
+            verify_s.append(time.perf_counter() - start)
+        size_mb = sum(p.stat().st_size for p in final.iterdir()) / 2**20
+    medians = {way: statistics.median(s) for way, s in seconds.items()}
+    print(f"checkpoint of {size_mb:.1f} MiB (G + D + Adam states) in {args.dir.resolve()}, median of {args.repeat} saves:")
+    for way, median in medians.items():
+        print(f"  {way:<9} {1000 * median:8.1f} ms per save   (all: {', '.join(f'{1000 * s:.0f}' for s in seconds[way])})")
+    print(f"  fsync cost {1000 * (medians['durable'] - medians['no fsync']):8.1f} ms per save; "
+          f"verifying one checkpoint {1000 * statistics.median(verify_s):.1f} ms")
+    print(json.dumps({"benchmark": "checkpoint", "size_mib": round(size_mb, 1), "repeat": args.repeat,
+                      "median_ms": {way: round(1000 * m, 1) for way, m in medians.items()},
+                      "verify_ms": round(1000 * statistics.median(verify_s), 1),
+                      "all_ms": {way: [round(1000 * s, 1) for s in v] for way, v in seconds.items()}}))
