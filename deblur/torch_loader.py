@@ -1,21 +1,26 @@
-"""``backend="torch"``: webdataset + a torch DataLoader, the reference for the DALI backend.
+"""``backend="torch"``: a torch DataLoader over the shards' indexes, the reference for DALI.
 
 Same epoch definition as deblur.data (rank's contiguous part of the stored order, buffer
 shuffle, N//W//B full batches or, with drop_last=False, the whole part with a smaller last
 batch, one flip per pair). Its order is a pure function of ``(seed, rank, epoch)``, which gives
 both multi-worker loading and resuming:
 
-* every DataLoader worker streams the rank's whole part in the same order (reading tar bytes is
-  cheap) but decodes only the batches ``b`` with ``b % workers == worker``; the DataLoader
-  collects workers round-robin, so batches arrive in order ``0, 1, 2, ...``;
+* every DataLoader worker derives the rank's whole order from the ``.idx`` files (no bytes
+  read) but reads and decodes only the batches ``b`` with ``b % workers == worker``; the
+  DataLoader collects workers round-robin, so batches arrive in order ``0, 1, 2, ...``;
 * resuming at batch ``k`` re-derives the epoch's order and skips the first ``k`` batches
-  without decoding them.
+  without reading them.
 
-Workers send uint8 images; conversion to float and normalization happen on the target device.
+Members are read at their index offsets, as DALI reads them: streaming the tars through
+webdataset made every worker parse every tar header of the part (with 16 workers, 16 times),
+which cost more than the decoding. Workers send uint8 HWC batches, one per member, permuted to
+(B, 3, S, S): channels_last strides without a copy, the layout the models run in; conversion to
+float and normalization happen on the target device and keep that layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -23,12 +28,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from deblur.data import MEMBERS, PairOptions, Position, RankPart, ShardError, derived_seed
-from deblur.norm import normalize
+from deblur.data import MEMBERS, PairOptions, Position, RankPart, ShardError, ShardFile, derived_seed, index_rows
+from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's initial_fill
 
@@ -67,30 +71,21 @@ class PairStream(IterableDataset):
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def stored_samples(self) -> Iterator[tuple[str, dict]]:
-        """The rank's contiguous part, in stored order, as (shard path, webdataset sample)."""
+    def stored_samples(self) -> Iterator[tuple[ShardFile, dict]]:
+        """The rank's contiguous part, in stored order, as (shard, its index row).
+
+        The rows come from the ``.idx`` files that ``find_shards`` checked against the tars."""
         first = 0
         for shard in self.part.shards:
             last, first_here = first + shard.samples, first
             first = last
             if last <= self.part.start or first_here >= self.part.stop:
                 continue
+            rows = index_rows(shard.idx)
             skip = max(0, self.part.start - first_here)
             take = min(last, self.part.stop) - first_here - skip
-            # The rank split is done above at sample level, so no node/worker splitting here.
-            samples = wds.WebDataset([str(shard.tar)], shardshuffle=False, nodesplitter=None,
-                                     workersplitter=None, empty_check=False).slice(skip, skip + take)
-            count = 0
-            try:
-                for sample in samples:
-                    count += 1
-                    yield str(shard.tar), sample
-            except ShardError:
-                raise
-            except Exception as error:  # tarfile/webdataset errors: name the shard
-                raise ShardError(f"cannot read shard {shard.tar}: {error!r}") from error
-            if count != take:
-                raise ShardError(f"shard {shard.tar} yielded {count} samples, its index promises {take}")
+            for row in rows[skip:skip + take]:
+                yield shard, row
 
     def __iter__(self):
         info = get_worker_info()
@@ -101,39 +96,52 @@ class PairStream(IterableDataset):
             rng = random.Random(derived_seed(self.pairs.seed, self.part.rank, self.epoch))
             samples = buffer_shuffle(samples, SHUFFLE_BUFFER, rng)
         pending = []
-        try:
-            for position, sample in enumerate(samples):
-                batch = position // batch_size
-                if batch >= n_batches:
-                    break
-                if batch >= self.start_batch and (batch - self.start_batch) % workers == worker:
-                    pending.append(sample)
-                    if len(pending) == self.part.batch_length(batch):
-                        yield self.decode_batch(pending, batch)
-                        pending = []
-        except ShardError as error:
-            # Sent as data, not raised: a worker that raised was only stopped by the DataLoader's
-            # finalizer after a 5 s join timeout; the main process raises it instead (and the
-            # message, naming the shard, stays short).
-            yield error
+        with contextlib.ExitStack() as files:
+            tars: dict[ShardFile, io.BufferedReader] = {}
+            try:
+                for position, sample in enumerate(samples):
+                    batch = position // batch_size
+                    if batch >= n_batches:
+                        break
+                    if batch >= self.start_batch and (batch - self.start_batch) % workers == worker:
+                        pending.append(sample)
+                        if len(pending) == self.part.batch_length(batch):
+                            yield self.decode_batch(pending, batch, tars, files)
+                            pending = []
+            except ShardError as error:
+                # Sent as data, not raised: a worker that raised was only stopped by the
+                # DataLoader's finalizer after a 5 s join timeout; the main process raises it
+                # instead (and the message, naming the shard, stays short).
+                yield error
 
-    def decode_batch(self, samples: list[tuple[str, dict]], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = []
-        for shard, sample in samples:
-            members = []
-            for ext in MEMBERS:
-                where = f"shard {shard} member {sample['__key__']}.{ext}"
-                if ext not in sample:
-                    raise ShardError(f"missing {where}")
-                members.append(decode_member(sample[ext], self.pairs.image_size, where))
-            pairs.append(members)
-        # (B, 2, S, S, 3) -> (B, 2, 3, S, S)
-        images = torch.from_numpy(np.stack([np.stack(p) for p in pairs])).permute(0, 1, 4, 2, 3)
+    def decode_batch(self, samples: list[tuple[ShardFile, dict]], batch: int, tars: dict,
+                     files: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blurred, sharp) uint8 (B, 3, S, S) with channels_last strides.
+
+        Each image is decoded straight into its slot of one (member, B, S, S, 3) array, mirrored
+        on the way in: no stacking, transposing or flipping pass over the batch afterwards.
+        """
+        size = self.pairs.image_size
+        out = np.empty((len(MEMBERS), len(samples), size, size, 3), dtype=np.uint8)
+        mirror = [False] * len(samples)
         if self.pairs.flip:
             coins = torch.Generator().manual_seed(derived_seed(self.pairs.seed, self.part.rank, self.epoch, batch))
-            mirror = torch.rand(len(samples), generator=coins) < 0.5  # one coin per pair
-            images[mirror] = images[mirror].flip(-1)
-        return images[:, 0].contiguous(), images[:, 1].contiguous()
+            mirror = (torch.rand(len(samples), generator=coins) < 0.5).tolist()  # one coin per pair
+        for i, (shard, row) in enumerate(samples):
+            if shard not in tars:
+                tars[shard] = files.enter_context(open(shard.tar, "rb"))
+            for m, ext in enumerate(MEMBERS):
+                offset, length, name = row[ext]
+                where = f"shard {shard.tar} member {name}"
+                tar = tars[shard]
+                tar.seek(offset)
+                data = tar.read(length)
+                if len(data) != length:
+                    raise ShardError(f"cannot read {where}: shard is shorter than its index says")
+                image = decode_member(data, size, where)
+                out[m, i] = image[:, ::-1] if mirror[i] else image
+        images = torch.from_numpy(out).permute(0, 1, 4, 2, 3)  # (2, B, 3, S, S), channels_last
+        return images[0], images[1]
 
 
 def leave_launcher_process_group(worker_id: int) -> None:
@@ -152,8 +160,17 @@ def leave_launcher_process_group(worker_id: int) -> None:
 class TorchPairLoader(Position):
     backend = "torch"
 
+    def __init__(self, part: RankPart, pairs: PairOptions, **runtime):
+        super().__init__(part, pairs, **runtime)
+        self._mean = 255 * torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = 255 * torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
     def _to_model(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(images.to(self.device, non_blocking=True).float().div_(255))
+        # memory_format: a no-op for the workers' channels_last batches, kept explicit so pinning
+        # or a copy can never hand the models another layout. Normalizing in place, in one
+        # pass each, as (x - 255 mean) / (255 std): deblur.norm.normalize of x / 255.
+        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last).float()
+        return images.sub_(self._mean).div_(self._std)
 
     def __iter__(self):
         if len(self) == 0:  # an empty part (drop_last=False, fewer samples than ranks)
