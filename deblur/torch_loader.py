@@ -27,8 +27,9 @@ import random
 from typing import Iterator
 
 import numpy as np
+import simplejpeg
 import torch
-from PIL import Image
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from deblur.data import MEMBERS, PairOptions, Position, RankPart, ShardError, ShardFile, derived_seed, index_rows
@@ -50,26 +51,44 @@ def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def decode_member(data: bytes, image_size: int, where: str) -> np.ndarray:
-    """JPEG bytes -> (S, S, 3) uint8, resized with PIL's antialiased bilinear (triangle) filter."""
+def decode_resized(data: bytes, image_size: int, where: str) -> torch.Tensor:
+    """JPEG bytes -> (3, S, S) uint8 with channels_last strides, antialiased bilinear resize.
+
+    simplejpeg (libjpeg-turbo, as PIL and DALI's CPU decoder, same pixels) and torch's uint8
+    antialiased bilinear (triangle) kernel, which runs vectorised on the decoder's HWC output:
+    1.7x faster per 178x218 image than PIL's decode + resize (PIL also parses headers in
+    Python) and within one grey level of it. The filter is DALI's (linear + antialias), so the
+    backends agree within decoder tolerance. No DCT-domain downscale (PIL's draft(), simplejpeg's
+    min_width): faster still, but it moves this reference backend away from DALI's full decode
+    (3-4 % of values off by > 0.05 instead of 0.2 %).
+    """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            # No draft() (DCT-domain downscale): ~1.6x faster, but it moves this reference
-            # backend away from DALI's full decode (3-4% of values off by > 0.05 instead of 0.2%).
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            return np.asarray(rgb.resize((image_size, image_size), Image.BILINEAR))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        image = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+    except (ValueError, RuntimeError) as error:
         raise ShardError(f"cannot decode {where}: {error}") from error
+    return F.interpolate(image[None], size=(image_size, image_size), mode="bilinear",
+                         antialias=True, align_corners=False)[0]
+
+
+def decode_member(data: bytes, image_size: int, where: str) -> np.ndarray:
+    """JPEG bytes -> (S, S, 3) uint8 numpy image, exactly the pixels the loader trains on."""
+    return decode_resized(data, image_size, where).permute(1, 2, 0).numpy()
 
 
 class PairStream(IterableDataset):
     """One epoch of one rank's uint8 ``(blurred, sharp)`` batches, from batch ``start_batch``."""
 
-    def __init__(self, part: RankPart, pairs: PairOptions, *, epoch: int, start_batch: int):
+    def __init__(self, part: RankPart, pairs: PairOptions, *, epoch: int, start_batch: int,
+                 normalize: bool = False):
         self.part = part
         self.pairs = pairs
         self.epoch = epoch
         self.start_batch = start_batch
+        # For a CPU target: normalize in the worker (one thread, in parallel with the other
+        # batches) rather than in the trainer's process, whose intra-op thread pool made this
+        # small elementwise pass 10x dearer on busy cores (6.4 vs 0.6 ms per 64-pair member).
+        # For a GPU, uint8 crosses the bus (4x fewer bytes) and the GPU converts it.
+        self.normalize = normalize
 
     def stored_samples(self) -> Iterator[tuple[ShardFile, dict]]:
         """The rank's contiguous part, in stored order, as (shard, its index row).
@@ -116,13 +135,14 @@ class PairStream(IterableDataset):
 
     def decode_batch(self, samples: list[tuple[ShardFile, dict]], batch: int, tars: dict,
                      files: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor]:
-        """(blurred, sharp) uint8 (B, 3, S, S) with channels_last strides.
+        """(blurred, sharp) (B, 3, S, S) with channels_last strides: uint8, or normalized float32
+        with ``normalize``.
 
-        Each image is decoded straight into its slot of one (member, B, S, S, 3) array, mirrored
-        on the way in: no stacking, transposing or flipping pass over the batch afterwards.
+        Each image is resized straight into its slot of one (member, B, S, S, 3) tensor,
+        mirrored on the way in: no stacking, transposing or flipping pass over the batch.
         """
         size = self.pairs.image_size
-        out = np.empty((len(MEMBERS), len(samples), size, size, 3), dtype=np.uint8)
+        out = torch.empty((len(MEMBERS), len(samples), size, size, 3), dtype=torch.uint8)
         mirror = [False] * len(samples)
         if self.pairs.flip:
             coins = torch.Generator().manual_seed(derived_seed(self.pairs.seed, self.part.rank, self.epoch, batch))
@@ -133,14 +153,19 @@ class PairStream(IterableDataset):
             for m, ext in enumerate(MEMBERS):
                 offset, length, name = row[ext]
                 where = f"shard {shard.tar} member {name}"
-                tar = tars[shard]
-                tar.seek(offset)
-                data = tar.read(length)
+                tars[shard].seek(offset)
+                data = tars[shard].read(length)
                 if len(data) != length:
                     raise ShardError(f"cannot read {where}: shard is shorter than its index says")
-                image = decode_member(data, size, where)
-                out[m, i] = image[:, ::-1] if mirror[i] else image
-        images = torch.from_numpy(out).permute(0, 1, 4, 2, 3)  # (2, B, 3, S, S), channels_last
+                image = decode_resized(data, size, where)
+                out[m, i] = (image.flip(-1) if mirror[i] else image).permute(1, 2, 0)
+        if self.normalize:  # (x - 255 mean) / (255 std) = deblur.norm.normalize(x / 255)
+            # Whole (S, S, 3) planes, not (3,) vectors: broadcasting only over the batch keeps
+            # the inner loop long and vectorised (a 3-long inner loop ran several times slower).
+            mean = (255 * torch.tensor(IMAGENET_MEAN)).expand(size, size, 3).contiguous()
+            std = (255 * torch.tensor(IMAGENET_STD)).expand(size, size, 3).contiguous()
+            out = out.float().sub_(mean).div_(std)
+        images = out.permute(0, 1, 4, 2, 3)  # (2, B, 3, S, S), channels_last
         return images[0], images[1]
 
 
@@ -167,10 +192,12 @@ class TorchPairLoader(Position):
 
     def _to_model(self, images: torch.Tensor) -> torch.Tensor:
         # memory_format: a no-op for the workers' channels_last batches, kept explicit so pinning
-        # or a copy can never hand the models another layout. Normalizing in place, in one
-        # pass each, as (x - 255 mean) / (255 std): deblur.norm.normalize of x / 255.
-        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last).float()
-        return images.sub_(self._mean).div_(self._std)
+        # can never hand the models another layout.
+        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        if images.is_floating_point():  # normalized by the worker (CPU target)
+            return images
+        # (x - 255 mean) / (255 std) = deblur.norm.normalize(x / 255), in place
+        return images.float().sub_(self._mean).div_(self._std)
 
     def __iter__(self):
         if len(self) == 0:  # an empty part (drop_last=False, fewer samples than ranks)
@@ -178,7 +205,8 @@ class TorchPairLoader(Position):
             return
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
-        stream = PairStream(self.part, self.pairs, epoch=self.epoch, start_batch=self.batch)
+        stream = PairStream(self.part, self.pairs, epoch=self.epoch, start_batch=self.batch,
+                            normalize=self.device.type == "cpu")
         batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                              pin_memory=self.device.type == "cuda",
                              prefetch_factor=4 if self.num_workers else None,
