@@ -13,9 +13,10 @@ both multi-worker loading and resuming:
 
 Members are read at their index offsets, as DALI reads them: streaming the tars through
 webdataset made every worker parse every tar header of the part (with 16 workers, 16 times),
-which cost more than the decoding. Workers send uint8 HWC batches, one per member, permuted to
-(B, 3, S, S): channels_last strides without a copy, the layout the models run in; conversion to
-float and normalization happen on the target device and keep that layout.
+which cost more than the decoding. Workers fill one HWC batch per member and send it permuted
+to (B, 3, S, S): channels_last strides without a copy, the layout the models run in. For a GPU
+they send uint8 and the GPU converts and normalizes; for the CPU they normalize themselves
+(see PairStream). Either way the layout is kept.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 
 def decode_resized(data: bytes, image_size: int, where: str) -> torch.Tensor:
-    """JPEG bytes -> (3, S, S) uint8 with channels_last strides, antialiased bilinear resize.
+    """JPEG bytes -> (3, S, S) uint8, decoded and resized with an antialiased bilinear filter.
 
     simplejpeg (libjpeg-turbo, as PIL and DALI's CPU decoder, same pixels) and torch's uint8
     antialiased bilinear (triangle) kernel, which runs vectorised on the decoder's HWC output:

@@ -85,6 +85,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--repeat must be >= 1, --seconds > 0 and --warmup >= 0")
+    if args.small_shards:  # the comparison only means something on the same photographs
+        sources = [json.loads((root / "manifest.json").read_text()).get("source")
+                   for root in (args.shards, args.small_shards)]
+        if sources[0] != sources[1]:
+            parser.error(f"--shards and --small-shards were built from different sources: {sources}")
     return args
 
 
