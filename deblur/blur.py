@@ -1,7 +1,9 @@
 """Synthetic blur: deterministic parameters per (seed, key), kernels, and their application.
 
 The json member of every sample stores the blur that was applied, in pixels/degrees at the
-STORED image's resolution, so ``kernel_from_params`` rebuilds the exact kernel:
+SOURCE image's resolution (where it was applied), so ``kernel_from_params`` rebuilds the exact
+kernel; for shards stored downscaled (``python -m deblur.shard --store-size``),
+``kernel_from_params(stored_blur(meta))`` is the kernel at the stored resolution:
 
 - ``{"type": "gaussian", "sigma": s}``: isotropic Gaussian, standard deviation ``s`` px,
   truncated at ``ceil(4 s)`` px from the centre, normalized to sum 1.
@@ -11,8 +13,8 @@ STORED image's resolution, so ``kernel_from_params`` rebuilds the exact kernel:
 
 Strength. The paper trains at 64x64, so the ranges in :class:`BlurConfig` are given at a
 64-px reference (DESIGN.md: sigma 1.6-2.6 px or length 7-12 px lands at roughly 20-27 dB PSNR
-after resizing to 64x64) and scaled by ``min(w, h) / 64`` to the stored image. One scale for
-both axes keeps the kernel a physically plausible (isotropic / straight) blur at the stored
+after resizing to 64x64) and scaled by ``min(w, h) / 64`` to the source image. One scale for
+both axes keeps the kernel a physically plausible (isotropic / straight) blur at the source
 resolution; for CelebA's 178x218 the short side maps exactly onto 64 px.
 
 Convolution reflects at the borders (``d c b a | a b c d``, scipy.ndimage's "reflect") and runs
@@ -57,7 +59,7 @@ def rng_for(seed: int, key: str) -> np.random.Generator:
 
 
 def draw_params(seed: int, key: str, size: tuple[int, int], config: BlurConfig) -> dict:
-    """The blur dict for one sample whose stored image is ``size`` = (w, h) pixels."""
+    """The blur dict for one sample whose source image is ``size`` = (w, h) pixels."""
     rng = rng_for(seed, key)
     scale = min(size) / config.reference_size
     if rng.random() < config.motion_fraction:
@@ -105,6 +107,26 @@ def kernel_from_params(blur: dict) -> np.ndarray:
     if kind == "motion":
         return motion_kernel(float(blur["length"]), float(blur["angle"]))
     raise ValueError(f"unknown blur type {kind!r} in {blur!r}; expected one of {BLUR_TYPES}")
+
+
+def stored_blur(meta: dict) -> dict:
+    """A sample json's blur params rescaled from the source to the stored resolution.
+
+    Downscaling both members by ``s`` (the builder keeps the aspect ratio) turns a blur of
+    sigma / length ``p`` at the source into one of ``p * s`` at the stored size; the angle is
+    unchanged. Shards stored at source size (or built before ``source_size`` existed) get the
+    params back unchanged.
+    """
+    blur, stored = meta["blur"], meta["size"]
+    source = meta.get("source_size", stored)
+    if list(source) == list(stored):
+        return blur
+    scale = min(stored) / min(source)  # the short side is exactly --store-size: no rounding
+    scaled = dict(blur)
+    for name in ("sigma", "length"):
+        if name in scaled:
+            scaled[name] = float(scaled[name]) * scale
+    return scaled
 
 
 def apply_kernel(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import re
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from deblur.dali_pipeline import READER_NAME, pair_pipeline
+from deblur.dali_pipeline import READER_NAME, default_hw_decoder_load, pair_pipeline
 from deblur.data import PairOptions, Position, RankPart, ShardError, derived_seed, find_undecodable
 
 
@@ -44,8 +44,15 @@ def dali_summary(message: str) -> str:
 class DaliPairLoader(Position):
     backend = "dali"
 
-    def __init__(self, part: RankPart, pairs: PairOptions, **runtime):
+    def __init__(self, part: RankPart, pairs: PairOptions, *, decode_threads: int | None = None,
+                 hw_decoder_load: float | None = None, **runtime):
         super().__init__(part, pairs, **runtime)
+        # One thread more than the cores it is given: between operators DALI's executor and
+        # the iterator's copy run while the pool waits, and the spare thread keeps the cores
+        # busy then (CPU loader +7 % on 2 cores, decode-only unchanged; BENCHMARKS.md).
+        self.decode_threads = decode_threads or self.num_workers + 1
+        self.hw_decoder_load = (default_hw_decoder_load(self.decode_threads)
+                                if hw_decoder_load is None else hw_decoder_load)
         self._checkpoint: bytes | None = None  # restored DALI state, used by the next build
         self._iterator: DALIGenericIterator | None = None
 
@@ -55,11 +62,9 @@ class DaliPairLoader(Position):
             self.part,
             self.pairs,
             gpu=gpu,
+            hw_decoder_load=self.hw_decoder_load,
             batch_size=self.part.batch_size,
-            # One thread more than the cores it is given: between operators DALI's executor and
-            # the iterator's copy run while the pool waits, and the spare thread keeps the cores
-            # busy then (CPU loader +7 % on 2 cores, decode-only unchanged; BENCHMARKS.md).
-            num_threads=self.num_workers + 1,
+            num_threads=self.decode_threads,
             device_id=self.device.index if gpu else None,
             seed=derived_seed(self.pairs.seed, self.part.rank, 1),
             prefetch_queue_depth=2,
@@ -110,7 +115,8 @@ class DaliPairLoader(Position):
         while self.batch < len(self):
             out = self._next()
             self.batch += 1
-            yield out["blurred"], out["sharp"]
+            # (B, H, W, C) -> (B, C, H, W) view: channels_last strides, no copy
+            yield out["blurred"].permute(0, 3, 1, 2), out["sharp"].permute(0, 3, 1, 2)
         self._finish_epoch()
 
     def state_dict(self) -> dict:

@@ -3,6 +3,8 @@
 Kept apart from the iterator code (as in DALI's efficientnet example) so the graph reads on
 its own. The only device-dependent line is the decoder's ``device``: "mixed" decodes on the
 GPU (nvJPEG) and leaves the images there; "cpu" decodes with libjpeg-turbo on DALI's threads.
+Images leave the graph as HWC: the loader permutes the iterator's (B, H, W, C) tensors to
+(B, C, H, W) views with channels_last strides, the models' layout, without a copy.
 """
 
 from __future__ import annotations
@@ -28,8 +30,19 @@ def reader_shard(part: RankPart) -> tuple[int, int]:
     return part.start, part.total
 
 
+def default_hw_decoder_load(decode_threads: int) -> float:
+    """Share of JPEGs for the GPU's hardware decoder, from the decode-only rates measured on one
+    H200 (issue 10, 178x218 JPEGs, pairs/s for load 0 / 0.65 / 1.0): 16 threads 18.3k / 16.1k /
+    11.7k, 4 threads 5.8k / 14.5k / 15.3k. With many threads the CPU-assisted CUDA decoder
+    alone is fastest; with few, the hardware engine should take everything; in between (not
+    measured) DALI's own default split."""
+    if decode_threads >= 12:
+        return 0.0
+    return 1.0 if decode_threads <= 4 else 0.65
+
+
 @pipeline_def
-def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool):
+def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool, hw_decoder_load: float = 0.65):
     shard_id, num_shards = reader_shard(part)
     blurred, sharp = fn.readers.webdataset(
         paths=[str(s.tar) for s in part.shards],
@@ -52,11 +65,13 @@ def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool):
         name=READER_NAME,
     )
     mirror = fn.random.coin_flip(probability=0.5) if pairs.flip else 0  # one coin for both members
-    return _prepare(blurred, pairs.image_size, gpu, mirror), _prepare(sharp, pairs.image_size, gpu, mirror)
+    return tuple(_prepare(jpegs, pairs.image_size, gpu, hw_decoder_load, mirror) for jpegs in (blurred, sharp))
 
 
-def _prepare(jpegs, image_size: int, gpu: bool, mirror):
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+def _prepare(jpegs, image_size: int, gpu: bool, hw_decoder_load: float, mirror):
+    # hw_decoder_load only exists for the mixed decoder (the GPU's JPEG engine vs CUDA).
+    decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
     # Triangular (linear + antialias) filter: the same as PIL's BILINEAR when downscaling, so
     # the torch backend matches it within JPEG-decoder tolerance.
     images = fn.resize(images, resize_x=image_size, resize_y=image_size,
@@ -64,7 +79,7 @@ def _prepare(jpegs, image_size: int, gpu: bool, mirror):
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
-        output_layout="CHW",
+        output_layout="HWC",
         mean=[255.0 * m for m in IMAGENET_MEAN],
         std=[255.0 * s for s in IMAGENET_STD],
         mirror=mirror,

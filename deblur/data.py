@@ -312,6 +312,8 @@ def make_loader(
     device: torch.device | str | None = None,
     num_workers: int | None = None,
     drop_last: bool = True,
+    decode_threads: int | None = None,
+    hw_decoder_load: float | None = None,
 ) -> PairLoader:
     """Batches of ``(blurred, sharp)`` normalized float32 (B, 3, S, S) tensors on ``device``.
 
@@ -325,7 +327,18 @@ def make_loader(
     cores the loader may keep busy: torch DataLoader worker processes, or DALI CPU threads (the
     DALI backend runs one thread more, see deblur.dali_loader); None = this process's usable
     cores (pass cores // local ranks when several ranks share a machine).
+
+    DALI only: ``decode_threads`` is the pipeline's thread count (None = ``num_workers + 1``);
+    ``hw_decoder_load`` the share of JPEGs the GPU's hardware decoder takes when decoding on
+    the GPU (None = chosen from ``decode_threads``, see
+    ``deblur.dali_pipeline.default_hw_decoder_load``).
+
+    Batches have channels_last strides (shape still (B, 3, S, S)), from either backend.
     """
+    if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+        raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+    if decode_threads is not None and decode_threads < 1:
+        raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
     if not 0 <= rank < world_size:
@@ -341,7 +354,8 @@ def make_loader(
     if backend == "dali":
         from deblur.dali_loader import DaliPairLoader
 
-        return DaliPairLoader(part, pairs, **runtime)
+        return DaliPairLoader(part, pairs, decode_threads=decode_threads,
+                              hw_decoder_load=hw_decoder_load, **runtime)
     if backend == "torch":
         from deblur.torch_loader import TorchPairLoader
 

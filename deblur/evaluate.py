@@ -10,7 +10,8 @@ member resized the same way:
   what training feeds it;
 - ``blurred``: the blurred input itself (the bar to beat);
 - ``wiener`` and ``richardson_lucy``: scikit-image's deconvolutions given the TRUE kernel, rebuilt
-  from the sample's json by ``deblur.blur.kernel_from_params``. That kernel is defined at the
+  from the sample's json by ``deblur.blur.kernel_from_params`` (for shards stored downscaled,
+  after ``stored_blur`` rescales the params to the stored size). That kernel is defined at the
   stored image's resolution, so they deconvolve the stored blurred image and their results are
   then resized to 64x64 like everything else (resizing first would change the blur into one the
   kernel no longer describes). They know the blur exactly, which the generator does not.
@@ -35,7 +36,7 @@ import webdataset as wds
 from skimage.restoration import richardson_lucy, wiener
 from tqdm import tqdm
 
-from deblur.blur import kernel_from_params
+from deblur.blur import kernel_from_params, stored_blur
 from deblur.data import ShardError, manifest_split, resolve_device
 from deblur.images import decode_rgb
 from deblur.infer import resize_unit, restore
@@ -63,7 +64,7 @@ class Pair:
     sharp: torch.Tensor  # (1, 3, S, S) in [0, 1], exactly the training loader's pixels
     blurred: torch.Tensor  # (1, 3, S, S) likewise
     blurred_stored: np.ndarray  # (H, W, 3) float64 in [0, 1] at the stored resolution
-    blur: dict  # the json's "blur" params, at the stored resolution
+    blur: dict  # the json's "blur" params rescaled to the stored resolution
 
 
 def read_pairs(tars: list[Path], image_size: int) -> Iterator[Pair]:
@@ -74,7 +75,7 @@ def read_pairs(tars: list[Path], image_size: int) -> Iterator[Pair]:
         key = sample["__key__"]
         where = f"{sample.get('__url__', '?')}: sample {key!r}"
         try:
-            blur = json.loads(sample["json"])["blur"]
+            blur = stored_blur(json.loads(sample["json"]))
             sharp_bytes, blurred_bytes = sample["sharp.jpg"], sample["blur.jpg"]
         except KeyError as e:
             raise ValueError(f"{where}: missing member or key {e}") from e

@@ -14,14 +14,16 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from deblur.blur import kernel_from_params
+from deblur.blur import kernel_from_params, stored_blur
+from deblur.shard import stored_size
 from deblur.sources import SPLITS
 from deblur.tario import index_of_tar, sha256_file, split_name
 
 MEMBERS = ("sharp.jpg", "blur.jpg", "json")
 
 
-def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str) -> list[str]:
+def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str,
+                  store_size: int | None) -> list[str]:
     where = f"{shard}: sample {key}"
     if sorted(members) != sorted(MEMBERS):
         return [f"{where}: members {sorted(members)}, expected {list(MEMBERS)}"]
@@ -31,7 +33,12 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str) -
         if meta["key"] != key or meta["split"] != split:
             problems.append(f"{where}: json says key {meta['key']!r}, split {meta['split']!r}")
         kernel_from_params(meta["blur"])
+        kernel_from_params(stored_blur(meta))
         size = tuple(meta["size"])
+        source_size = tuple(meta.get("source_size", size))
+        if size != stored_size(source_size, store_size):
+            problems.append(f"{where}: json size {size} is not source size {source_size} "
+                            f"stored at store_size {store_size}")
     except (ValueError, KeyError, TypeError) as e:
         return problems + [f"{where}: bad json member: {type(e).__name__}: {e}"]
     for ext in ("sharp.jpg", "blur.jpg"):
@@ -45,7 +52,8 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str) -
     return problems
 
 
-def _check_shard(path: Path, entry: dict, split: str, keys: set[str]) -> list[str]:
+def _check_shard(path: Path, entry: dict, split: str, keys: set[str],
+                 store_size: int | None) -> list[str]:
     name = path.name
     if not path.is_file():
         return [f"{name}: missing"]
@@ -72,7 +80,7 @@ def _check_shard(path: Path, entry: dict, split: str, keys: set[str]) -> list[st
         if key in keys:
             problems.append(f"{name}: key {key} also appears in another shard")
         keys.add(key)
-        problems += _check_sample(name, key, members, split)
+        problems += _check_sample(name, key, members, split, store_size)
     return problems
 
 
@@ -86,7 +94,8 @@ def verify(root: Path, progress: bool = True) -> list[str]:
     problems, keys = [], set()
     for split, entry in tqdm(entries, unit="shard", desc=f"verifying {root.name}",
                              disable=not progress):
-        problems += _check_shard(root / entry["name"], entry, split, keys)
+        problems += _check_shard(root / entry["name"], entry, split, keys,
+                                 manifest.get("store_size"))
     listed = {e["name"] for _, e in entries}
     for path in sorted(root.glob("*.tar")):
         if path.name not in listed:

@@ -244,6 +244,8 @@ def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool)
         device=accelerator.device,
         num_workers=cfg.data.workers or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
         drop_last=train,
+        decode_threads=cfg.data.decode_threads,
+        hw_decoder_load=cfg.data.hw_decoder_load,
     )
 
 

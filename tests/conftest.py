@@ -18,6 +18,9 @@ from deblur.shard import build_shards
 
 TINY_IMAGES = 48
 TINY_SHARD_SIZE = 8
+SMALL_STORE_SIZE = 64
+TINY_OPTIONS = dict(seed=0, val_fraction=0.2, test_fraction=0.2, shard_size=TINY_SHARD_SIZE,
+                    workers=1, progress=False)
 
 
 def photo_crops(n: int) -> list[Image.Image]:
@@ -51,9 +54,15 @@ def tiny_photo_folder(tmp_path_factory) -> Path:
 def tiny_shards(tmp_path_factory, tiny_photo_folder) -> Path:
     """A built dataset: ~48 samples, several train shards of <= 8, non-empty val and test."""
     out = tmp_path_factory.mktemp("tiny_shards")
-    manifest = build_shards(tiny_photo_folder, out, seed=0, val_fraction=0.2,
-                            test_fraction=0.2, shard_size=TINY_SHARD_SIZE, workers=1,
-                            progress=False)
+    manifest = build_shards(tiny_photo_folder, out, **TINY_OPTIONS)
     assert len(manifest["splits"]["train"]["shards"]) >= 2
     assert manifest["splits"]["val"]["samples"] > 0 and manifest["splits"]["test"]["samples"] > 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, tiny_photo_folder) -> Path:
+    """``tiny_shards``' build with both members stored downscaled (``--store-size 64``)."""
+    out = tmp_path_factory.mktemp("small_shards")
+    build_shards(tiny_photo_folder, out, store_size=SMALL_STORE_SIZE, **TINY_OPTIONS)
     return out

@@ -57,6 +57,8 @@ def test_no_stays_a_string_in_files_and_overrides(config_file):
         ("data.flip=no", "data.flip"),  # booleans are true/false only
         ("data.batch_size='4'", "data.batch_size"),  # strict: no str -> int coercion
         ("wandb.mode=on", "wandb.mode"),
+        ("data.hw_decoder_load=1.5", "data.hw_decoder_load"),
+        ("data.decode_threads=0", "data.decode_threads"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(config_file, override, key):
@@ -121,3 +123,10 @@ def test_schema_has_the_issue_keys():
     assert {"shards", "loader", "batch_size"} <= fields["data"]
     assert {"max_steps", "checkpoint_every", "mixed_precision"} <= fields["train"]
     assert {"mode"} <= fields["wandb"]
+
+
+def test_dali_decoder_settings(config_file):
+    cfg = load_config(config_file)
+    assert cfg.data.decode_threads is None and cfg.data.hw_decoder_load is None  # chosen at run time
+    cfg = load_config(config_file, ["data.decode_threads=16", "data.hw_decoder_load=0"])
+    assert cfg.data.decode_threads == 16 and cfg.data.hw_decoder_load == 0.0

@@ -75,6 +75,18 @@ def test_batches_are_normalized_pairs(tiny_shards, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("flip", [False, True])
+def test_batches_are_channels_last_without_a_copy(tiny_shards, backend, flip):
+    """The models run channels_last: batches arrive in that layout, as views (a dense NCHW batch
+    copied per step would cost a pass over every batch)."""
+    for blurred, sharp in itertools.islice(load(tiny_shards, backend, batch_size=3, flip=flip), 2):
+        for images in (blurred, sharp):
+            assert images.shape == (3, 3, 64, 64)
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            assert not images.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_ranks_read_disjoint_contiguous_parts(tiny_shards, references, backend, shuffle):
     world, batch = 3, 2
@@ -178,6 +190,19 @@ def test_bad_arguments_are_refused(tiny_shards):
         make_loader(tiny_shards, "train", batch_size=2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="split"):
         make_loader(tiny_shards, "training", batch_size=2)
+    with pytest.raises(ValueError, match="hw_decoder_load"):
+        make_loader(tiny_shards, "train", batch_size=2, hw_decoder_load=1.5)
+
+
+def test_dali_decoder_settings_reach_the_loader(tiny_shards):
+    from deblur.dali_pipeline import default_hw_decoder_load
+
+    loader = make_loader(tiny_shards, "train", batch_size=2, num_workers=2)
+    assert (loader.decode_threads, loader.hw_decoder_load) == (3, 1.0)  # workers + 1; few threads
+    loader = make_loader(tiny_shards, "train", batch_size=2, decode_threads=16, hw_decoder_load=0.3)
+    assert (loader.decode_threads, loader.hw_decoder_load) == (16, 0.3)
+    assert [default_hw_decoder_load(n) for n in (2, 4, 8, 12, 16)] == [1.0, 1.0, 0.65, 0.0, 0.0]
+    assert len(list(loader)) == len(loader) > 0  # the CPU decoder runs with those settings
 
 
 # drop_last=False (evaluation): every sample of the split, once, in possibly smaller last batches.

@@ -64,12 +64,13 @@ def test_undecodable_member(shards, backend):
         read_all(shards, backend)
 
 
-def test_corrupt_tar_header_torch(shards):
-    """webdataset parses the tar headers (DALI reads by index offsets and does not need them)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tar_headers_are_not_needed(shards, backend):
+    """Both backends read members at their index offsets, which find_shards checked against the
+    tar: a damaged header in front of a member's data changes nothing."""
     offset, _, _ = member(shards, "train-000000.tar", 0, "blur.jpg")
     tar = shards / "train-000000.tar"
     data = bytearray(tar.read_bytes())
     data[offset - 512 + 148: offset - 512 + 156] = b"garbage!"  # the header's checksum field
     tar.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=r"train-000000\.tar"):
-        read_all(shards, "torch")
+    read_all(shards, backend)

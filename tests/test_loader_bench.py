@@ -12,12 +12,14 @@ from deblur.bench import loader as bench
 
 
 @pytest.mark.timeout(300)
-def test_bench_reports_medians_of_alternating_rounds(tiny_shards, tmp_path, capsys):
-    bench.main(["--shards", str(tiny_shards), "--batch-size", "4", "--seconds", "0.3", "--repeat", "3",
-                "--warmup", "0.2", "--workers", "2", "--workdir", str(tmp_path)])
+def test_bench_reports_medians_of_alternating_rounds(tiny_shards, small_shards, tmp_path, capsys):
+    bench.main(["--shards", str(tiny_shards), "--small-shards", str(small_shards), "--batch-size", "4",
+                "--seconds", "0.3", "--repeat", "3", "--warmup", "0.2", "--workers", "2",
+                "--workdir", str(tmp_path)])
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
-    methods = ("dali", "torch", "original", "raw_decode_pil", "raw_decode_dali")
+    methods = ("dali", "torch", "original", "raw_decode_pil", "raw_decode_dali",
+               "dali_small", "torch_small", "raw_decode_dali_small")
     assert set(result["rounds"]) == set(methods)
     for method in methods:
         rounds = result["rounds"][method]
@@ -31,6 +33,14 @@ def test_bench_reports_medians_of_alternating_rounds(tiny_shards, tmp_path, caps
     assert all(cpu[method] > 1 for method in methods), cpu
     assert cpu["raw_decode"] == min(cpu["raw_decode_pil"], cpu["raw_decode_dali"])
     assert result["dali_cpu_fraction_of_raw_decode"] == pytest.approx(cpu["raw_decode"] / cpu["dali"], rel=0.02)
+    # no GPU here: each set's ceiling is its CPU decode-only rate
+    assert result["ceiling_small"] == result["raw_decode_dali_small"]
+    assert result["dali_small_x_dali"] == pytest.approx(result["dali_small"] / result["dali"], rel=0.02)
+    assert result["dali_small_fraction_of_ceiling"] == pytest.approx(
+        result["dali_small"] / result["raw_decode_dali_small"], rel=0.02)
+    assert result["torch_cpu_x_raw_decode"] == pytest.approx(cpu["torch"] / cpu["raw_decode"], rel=0.02)
+    # fewer pixels per pair: the small set's decode is cheaper than the full-size one's
+    assert cpu["raw_decode_dali_small"] < cpu["raw_decode_dali"]
     assert list(tmp_path.iterdir()) == []  # the exported PNG folders are removed
 
 

@@ -1,18 +1,28 @@
 """Input-pipeline benchmark, all on the same pairs in one run.
 
     python -m deblur.bench loader --shards shards/demo [--batch-size 64] [--seconds 10] [--repeat 3]
+    python -m deblur.bench loader --shards shards/full --small-shards shards/small64
 
 Measures (blurred, sharp) pairs per second of one split's pairs for
 
 * ``dali``: ``make_loader(backend="dali")`` (shuffle and flip on, as in training);
-* ``torch``: ``make_loader(backend="torch")`` (webdataset + DataLoader, same settings);
+* ``torch``: ``make_loader(backend="torch")`` (index reads + DataLoader, same settings);
 * ``original``: the original project's way: the same pairs exported once to two folders of PNG
   files with identical names, read with PIL + torchvision Resize/ToTensor/Normalize, a shuffling
   torch DataLoader with as many workers as cores;
 * ``raw_decode``: the machine's JPEG decode rate for the same pairs, decode only, all cores: the
   faster of ``raw_decode_pil`` (both members decoded by PIL from bytes already in memory, one
   process per worker) and ``raw_decode_dali`` (a DALI pipeline of just the webdataset reader and
-  the CPU decoder, as many threads as workers).
+  the CPU decoder, as many threads as workers);
+* ``decode_ceiling`` (only with a GPU): a DALI pipeline of the reader and the GPU ("mixed")
+  decoder with the loader's own threads and ``hw_decoder_load``: the most the DALI loader could
+  deliver on this machine; ``dali_fraction_of_ceiling`` is the share it reaches (without a
+  GPU the ceiling is ``raw_decode``).
+
+With ``--small-shards`` (the same photographs built with ``python -m deblur.shard
+--store-size PX``), ``dali``, ``torch``, ``raw_decode_dali`` (and ``decode_ceiling``) also run on
+those, as ``<method>_small``, in the same rounds; ``dali_small_x_dali`` is the gain of storing
+images small.
 
 Every method is built once and warmed up for ``--warmup`` seconds (pipeline build, worker
 start-up, shuffle-buffer fill, allocator growth: a DALI loader's first seconds run 25-30 %
@@ -60,6 +70,8 @@ from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deblur.bench loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=Path, required=True, help="shard dataset folder")
+    parser.add_argument("--small-shards", type=Path, default=None,
+                        help="the same photographs built with --store-size, measured alongside")
     parser.add_argument("--split", default="train", help="split to read (default train)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=64)
@@ -73,6 +85,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--repeat must be >= 1, --seconds > 0 and --warmup >= 0")
+    if args.small_shards:  # the comparison only means something on the same photographs
+        sources = [json.loads((root / "manifest.json").read_text()).get("source")
+                   for root in (args.shards, args.small_shards)]
+        if sources[0] != sources[1]:
+            parser.error(f"--shards and --small-shards were built from different sources: {sources}")
     return args
 
 
@@ -209,19 +226,40 @@ def pil_decode_method(pool, workers: int) -> Method:
 
 
 @pipeline_def
-def decode_only_pipeline(shards: Path, split: str):
+def decode_only_pipeline(shards: Path, split: str, gpu: bool = False, hw_decoder_load: float = 0.65):
     found = find_shards(shards, split)
     jpegs = fn.readers.webdataset(paths=[str(s.tar) for s in found], index_paths=[str(s.idx) for s in found],
                                   ext=list(MEMBERS))
-    return tuple(fn.decoders.image(member, device="cpu", output_type=types.RGB) for member in jpegs)
+    decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
+    return tuple(fn.decoders.image(member, output_type=types.RGB, **decoder) for member in jpegs)
 
 
-def dali_decode_counts(shards: Path, split: str, batch_size: int, workers: int) -> Iterator[int]:
-    pipe = decode_only_pipeline(shards, split, batch_size=batch_size, num_threads=workers, device_id=None)
+def dali_decode_counts(shards: Path, split: str, batch_size: int, threads: int, gpu: bool = False,
+                       hw_decoder_load: float = 0.65) -> Iterator[int]:
+    pipe = decode_only_pipeline(shards, split, gpu, hw_decoder_load, batch_size=batch_size, num_threads=threads,
+                                device_id=torch.cuda.current_device() if gpu else None)
     pipe.build()
     while True:
         pipe.run()
+        if gpu:
+            torch.cuda.synchronize()  # count a batch when decoded, not when queued (as pair_counts)
         yield batch_size
+
+
+def shard_set_methods(shards: Path, split: str, suffix: str, loader_options: dict) -> dict[str, Method]:
+    """The loaders over one shard folder, its CPU decode-only rate and, with a GPU, its ceiling."""
+    loaders = {backend: make_loader(shards, split, backend=backend, **loader_options) for backend in ("dali", "torch")}
+    batch_size, workers = loader_options["batch_size"], loader_options["num_workers"]
+    methods: dict[str, Method] = {
+        f"{backend}{suffix}": stream_method(pair_counts(lambda loader=loader: loader))
+        for backend, loader in loaders.items()
+    }
+    methods[f"raw_decode_dali{suffix}"] = stream_method(dali_decode_counts(shards, split, batch_size, workers))
+    if torch.cuda.is_available():
+        dali = loaders["dali"]
+        methods[f"decode_ceiling{suffix}"] = stream_method(dali_decode_counts(
+            shards, split, batch_size, dali.decode_threads, gpu=True, hw_decoder_load=dali.hw_decoder_load))
+    return methods
 
 
 def settle(poll: float = 0.2, idle_cores: float = 0.05, limit: float = 10.0) -> None:
@@ -258,7 +296,8 @@ def run_rounds(methods: dict[str, Method], repeat: int, seconds: float, warmup: 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     pairs = read_pairs(args.shards, args.split)
-    print(f"{len(pairs)} {args.split} pairs from {args.shards}, batch {args.batch_size}, "
+    small = f" and {args.small_shards} (as *_small)" if args.small_shards else ""
+    print(f"{len(pairs)} {args.split} pairs from {args.shards}{small}, batch {args.batch_size}, "
           f"{args.image_size}x{args.image_size}, {args.workers} workers; {args.repeat} rounds of "
           f"{args.seconds:g} s per method after {args.warmup:g} s warm-up; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
@@ -270,15 +309,11 @@ def main(argv: list[str]) -> None:
         folders = FolderPairs(*export_png_folders(pairs, Path(tmp)), image_size=args.image_size)
         original = DataLoader(folders, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               num_workers=args.workers)
-        loaders = {backend: make_loader(args.shards, args.split, backend=backend, **loader_options)
-                   for backend in ("dali", "torch")}
-        methods: dict[str, Method] = {
-            "dali": stream_method(pair_counts(lambda: loaders["dali"])),
-            "torch": stream_method(pair_counts(lambda: loaders["torch"])),
-            "original": stream_method(pair_counts(lambda: original)),
-            "raw_decode_pil": pil_decode_method(pool, args.workers),
-            "raw_decode_dali": stream_method(dali_decode_counts(args.shards, args.split, args.batch_size, args.workers)),
-        }
+        methods = shard_set_methods(args.shards, args.split, "", loader_options)
+        methods["original"] = stream_method(pair_counts(lambda: original))
+        methods["raw_decode_pil"] = pil_decode_method(pool, args.workers)
+        if args.small_shards:
+            methods |= shard_set_methods(args.small_shards, args.split, "_small", loader_options)
         rounds = run_rounds(methods, args.repeat, args.seconds, args.warmup)
     rates = {name: statistics.median(r.rate for r in readings) for name, readings in rounds.items()}
     cpu_us = {name: statistics.median(r.cpu_us_per_pair for r in readings) for name, readings in rounds.items()}
@@ -286,14 +321,30 @@ def main(argv: list[str]) -> None:
     # Strict on both counts: the faster decode's rate, the cheaper decode's CPU.
     rates["raw_decode"] = rates[raw]
     cpu_us["raw_decode"] = min(cpu_us["raw_decode_pil"], cpu_us["raw_decode_dali"])
+    suffixes = ["", "_small"] if args.small_shards else [""]
+    for suffix in suffixes:  # the most the DALI loader could deliver on each set
+        ceiling = f"decode_ceiling{suffix}" if f"decode_ceiling{suffix}" in rates else \
+            ("raw_decode" if not suffix else "raw_decode_dali_small")
+        rates[f"ceiling{suffix}"] = rates[ceiling]
 
-    print(f"\n{'method':<16}{'pairs/s':>10}{'x original':>12}{'of raw decode':>15}{'CPU us/pair':>13}   rounds (pairs/s)")
+    # "of ceiling": against the decode-only ceiling of the method's own shard set
+    print(f"\n{'method':<22}{'pairs/s':>10}{'x original':>12}{'of ceiling':>12}{'CPU us/pair':>13}   rounds (pairs/s)")
     for name, rate in rates.items():
+        if name.startswith("ceiling"):
+            continue
+        ceiling = rates["ceiling_small" if name.endswith("_small") else "ceiling"]
         each = " ".join(f"{r.rate:.0f}" for r in rounds.get(name, []))
-        print(f"{name:<16}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / rates['raw_decode']:>15.2f}"
+        print(f"{name:<22}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / ceiling:>12.2f}"
               f"{cpu_us[name]:>13.0f}   {each}")
     summary = {name: round(rate, 1) for name, rate in rates.items()}
+    for suffix in suffixes:
+        summary[f"dali{suffix}_fraction_of_ceiling"] = round(rates[f"dali{suffix}"] / rates[f"ceiling{suffix}"], 2)
+    if args.small_shards:
+        summary["dali_small_x_dali"] = round(rates["dali_small"] / rates["dali"], 2)
+        summary["torch_small_x_torch"] = round(rates["torch_small"] / rates["torch"], 2)
     summary.update(
+        torch_x_original=round(rates["torch"] / rates["original"], 2),
+        torch_cpu_x_raw_decode=round(cpu_us["torch"] / cpu_us["raw_decode"], 2),
         dali_x_original=round(rates["dali"] / rates["original"], 2),
         dali_fraction_of_raw_decode=round(rates["dali"] / rates["raw_decode"], 2),
         raw_decode_method=f"faster of PIL (process per worker, bytes in memory) and DALI CPU decode-only: {raw}",

@@ -47,6 +47,9 @@ SHARD_SIZE = 1000  # ~25 MB tars for CelebA: about 200 train shards to spread ov
 # The demo has ~300 training crops; small shards still give every rank and loader worker
 # whole shards of its own (webdataset splits by shard, not by sample).
 DEMO_SHARD_SIZE = 64
+# --store-size: PIL's antialiased bilinear (triangle) filter, the loaders' own resize filter, so
+# a stored-small image reaches 64x64 through the same kind of filter as a full-size one.
+STORE_FILTER = Image.Resampling.BILINEAR
 
 
 class ShardSettings(BaseModel):
@@ -62,6 +65,8 @@ class ShardSettings(BaseModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     jpeg_quality: int = Field(JPEG_QUALITY, ge=1, le=100)
     blur: BlurConfig = BlurConfig()
+    # Shorter side of the stored members in px (never upscaled); None = the source's size.
+    store_size: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _fractions(self) -> ShardSettings:
@@ -97,6 +102,17 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
 Members = list[tuple[str, bytes]]  # (tar member name, data) of one sample
 
 
+def stored_size(size: tuple[int, int], store_size: int | None) -> tuple[int, int]:
+    """(w, h) of the stored members: the shorter side ``store_size``, aspect kept, never larger
+    than the source."""
+    w, h = size
+    if store_size is None or min(w, h) <= store_size:
+        return w, h
+    scale = store_size / min(w, h)
+    # max(): the short side is exactly store_size even where float rounding gives 63.99...
+    return max(store_size, round(w * scale)), max(store_size, round(h * scale))
+
+
 def make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | str]:
     """Decode, blur and encode one image (runs in a worker process).
 
@@ -121,13 +137,21 @@ def _make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | st
         return "skip", str(e).removeprefix(f"{item.rel}: ")
     sharp = np.asarray(decoded.image)
     h, w = sharp.shape[:2]
+    # Blur at the source resolution, then downscale both members alike (the original
+    # pipeline's blur-then-resize): the blur stays the one the json describes at source size.
     blur = draw_params(settings.seed, item.key, (w, h), settings.blur)
-    meta = {"key": item.key, "source": item.rel, "split": item.split, "size": [w, h],
-            "blur": blur, "sharp_reencoded": not decoded.reusable_jpeg}
+    sharp_image, blurred_image = decoded.image, Image.fromarray(apply_blur(sharp, blur))
+    size = stored_size((w, h), settings.store_size)
+    keep_bytes = decoded.reusable_jpeg and size == (w, h)
+    if size != (w, h):
+        sharp_image = sharp_image.resize(size, STORE_FILTER)
+        blurred_image = blurred_image.resize(size, STORE_FILTER)
+    meta = {"key": item.key, "source": item.rel, "split": item.split, "size": list(size),
+            "source_size": [w, h], "blur": blur, "sharp_reencoded": not keep_bytes}
     q = settings.jpeg_quality
     members = [
-        (f"{item.key}.sharp.jpg", data if decoded.reusable_jpeg else _jpeg(decoded.image, q)),
-        (f"{item.key}.blur.jpg", _jpeg(Image.fromarray(apply_blur(sharp, blur)), q)),
+        (f"{item.key}.sharp.jpg", data if keep_bytes else _jpeg(sharp_image, q)),
+        (f"{item.key}.blur.jpg", _jpeg(blurred_image, q)),
         (f"{item.key}.json", json.dumps(meta, sort_keys=True).encode()),
     ]
     return "ok", members
@@ -170,7 +194,10 @@ def discover(src: Path, out: Path, settings: ShardSettings,
 
 def fingerprint(shard: Shard, settings: ShardSettings) -> str:
     """What a finished shard must have been built from for a rerun to keep it."""
-    payload = json.dumps({"settings": settings.model_dump(mode="json"), "name": shard.name,
+    # exclude_none: a default build (store_size None) keeps the fingerprint it had before the
+    # option existed, so upgrading does not rebuild finished shards; any store size changes it.
+    payload = json.dumps({"settings": settings.model_dump(mode="json", exclude_none=True),
+                          "name": shard.name,
                           "items": [[it.key, it.rel, it.split, it.size] for it in shard.items]},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -236,8 +263,10 @@ def make_manifest(plan: list[Shard], records: dict[str, dict], settings: ShardSe
         "min_size": settings.min_size,
         "max_pixels": settings.max_pixels,
         "jpeg_quality": settings.jpeg_quality,
+        "store_size": settings.store_size,
         "blur": settings.blur.model_dump(mode="json") | {
-            "scaling": "ranges are at reference_size px; multiplied by min(w, h) / reference_size"},
+            "scaling": "ranges are at reference_size px; multiplied by min(w, h) / reference_size "
+                       "of the source; params at source size (deblur.blur.stored_blur rescales)"},
         "members": ["sharp.jpg", "blur.jpg", "json"],
         "samples": sum(v["samples"] for v in splits.values()),
         "splits": splits,
@@ -266,19 +295,20 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
                  limit: int | None = None, demo: bool = False,
                  part: str | tuple[int, int] | None = None, progress: bool = True,
                  blur: BlurConfig | None = None, min_size: int = 64,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, store_size: int | None = None) -> dict:
     """Build (or finish building) a shard dataset in ``out``; return its manifest.
 
     ``shard_size`` defaults to 1000 samples per tar, or 64 for the demo. ``part=(I, N)`` or
     ``"I/N"`` builds only shards I, I+N, ...; the manifest is written (and
     returned) by whichever run finds every shard finished, otherwise a dict with
-    ``"complete": False`` describing the part is returned.
+    ``"complete": False`` describing the part is returned. ``store_size`` stores both members
+    with their shorter side at that many px (never upscaled); None keeps the source size.
     """
     settings = ShardSettings(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                              shard_size=(shard_size if shard_size is not None
                                          else DEMO_SHARD_SIZE if demo else SHARD_SIZE),
                              min_size=min_size, max_pixels=max_pixels,
-                             blur=blur or BlurConfig())
+                             blur=blur or BlurConfig(), store_size=store_size)
     out = Path(out)
     if demo:
         if src is not None:
@@ -384,6 +414,16 @@ def _remove_stale(out: Path, plan: list[Shard]) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m deblur.shard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,6 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-size", type=int, default=64, help="skip images with a shorter side")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse larger images as decompression bombs")
+    p.add_argument("--store-size", type=_positive_int, default=None, metavar="PX",
+                   help="store both members downscaled so the shorter side is PX (never "
+                        "upscaled; default: source size); blur is still applied at source size")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -432,12 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                      test_fraction=args.test_fraction, shard_size=args.shard_size,
                      workers=args.workers, limit=args.limit, demo=args.demo, part=args.part,
                      progress=not args.no_progress, blur=blur, min_size=args.min_size,
-                     max_pixels=args.max_pixels)
+                     max_pixels=args.max_pixels, store_size=args.store_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
