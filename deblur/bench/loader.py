@@ -338,7 +338,7 @@ def main(argv: list[str]) -> None:
               f"{cpu_us[name]:>13.0f}   {each}")
     summary = {name: round(rate, 1) for name, rate in rates.items()}
     for suffix in suffixes:
-        summary[f"dali{suffix}_fraction_of_ceiling"] = round(rates[f"dali{suffix}"] / rates[f"ceiling{suffix}"], 2)
+        summary[f"dali{suffix}_fraction_of_ceiling"] = round(rates[f"dali{suffix}"] / rates[f"ceiling{suffix}"], 3)
     if args.small_shards:
         summary["dali_small_x_dali"] = round(rates["dali_small"] / rates["dali"], 2)
         summary["torch_small_x_torch"] = round(rates["torch_small"] / rates["torch"], 2)
