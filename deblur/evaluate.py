@@ -6,11 +6,11 @@ Every method is scored on the same pairs, at the training resolution (64x64), ag
 member resized the same way:
 
 - ``restored``: the generator on the blurred member, decoded and resized to 64x64 by the
-  training loader's own function (``deblur.torch_loader.decode_member``) and normalized, exactly
+  training loader's own function (``deblur.loading.decode.decode_member``) and normalized, exactly
   what training feeds it;
 - ``blurred``: the blurred input itself (the bar to beat);
 - ``wiener`` and ``richardson_lucy``: scikit-image's deconvolutions given the TRUE kernel, rebuilt
-  from the sample's json by ``deblur.blur.kernel_from_params`` (for shards stored downscaled,
+  from the sample's json by ``deblur.shard.blur.kernel_from_params`` (for shards stored downscaled,
   after ``stored_blur`` rescales the params to the stored size). That kernel is defined at the
   stored image's resolution, so they deconvolve the stored blurred image and their results are
   then resized to 64x64 like everything else (resizing first would change the blur into one the
@@ -36,14 +36,15 @@ import webdataset as wds
 from skimage.restoration import richardson_lucy, wiener
 from tqdm import tqdm
 
-from deblur.blur import kernel_from_params, stored_blur
-from deblur.data import ShardError, manifest_split, resolve_device
+from deblur.shard.blur import kernel_from_params, stored_blur
+from deblur.device import resolve_device
+from deblur.loading.contract import ShardError, manifest_split
 from deblur.images import decode_rgb
 from deblur.infer import resize_unit, restore
 from deblur.metrics import psnr, ssim
 from deblur.models import Generator
-from deblur.sources import SPLITS
-from deblur.torch_loader import decode_member
+from deblur.shard.sources import SPLITS
+from deblur.loading.decode import decode_member
 from deblur.weights import load_generator
 
 CLASSICAL = ("wiener", "richardson_lucy")

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from deblur.images import ImageError, load_rgb
-from deblur.data import resolve_device
+from deblur.device import resolve_device
 from deblur.models import Generator
 from deblur.norm import denormalize, normalize
 from deblur.weights import load_generator

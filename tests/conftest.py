@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deblur import demo
-from deblur.shard import build_shards
+from deblur.shard import demo
+from deblur.shard.build import build_shards
 
 TINY_IMAGES = 48
 TINY_SHARD_SIZE = 8

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from deblur.blur import (BlurConfig, apply_blur, apply_kernel, draw_params, kernel_from_params,
+from deblur.shard.blur import (BlurConfig, apply_blur, apply_kernel, draw_params, kernel_from_params,
                          motion_kernel)
 from tests.conftest import photo_crops
 

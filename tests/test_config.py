@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deblur.config import Config, ConfigError, apply_override, build_config, dump_config, load_config, parse_yaml
+from deblur.training.config import Config, ConfigError, apply_override, build_config, dump_config, load_config, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = "output_dir: runs/x\ndata:\n  shards: shards/x\n  batch_size: 4\ntrain:\n  max_steps: 10\n  checkpoint_every: 5\n"

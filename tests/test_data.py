@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deblur.data import find_shards, make_loader
+from deblur.loading.contract import find_shards
+from deblur.loading.loader import make_loader
 from deblur.norm import denormalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +196,7 @@ def test_bad_arguments_are_refused(tiny_shards):
 
 
 def test_dali_decoder_settings_reach_the_loader(tiny_shards):
-    from deblur.dali_pipeline import default_hw_decoder_load
+    from deblur.loading.dali_graph import default_hw_decoder_load
 
     loader = make_loader(tiny_shards, "train", batch_size=2, num_workers=2)
     assert (loader.decode_threads, loader.hw_decoder_load) == (3, 1.0)  # workers + 1; few threads
@@ -211,7 +212,7 @@ def test_dali_decoder_settings_reach_the_loader(tiny_shards):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shuffle", [False, True])
 # world 5, batch 4 over 22 samples: parts 4, 4, 5, 4, 5; ranks 0, 1, 3 are the case where DALI's
-# PARTIAL iterator ends the epoch with an empty batch (see deblur/dali_loader.py).
+# PARTIAL iterator ends the epoch with an empty batch (see deblur/loading/dali_backend.py).
 @pytest.mark.parametrize("world, batch", [(1, 4), (2, 4), (5, 4)])
 def test_partial_yields_every_sample_once(tiny_shards, references, backend, shuffle, world, batch):
     reference = references[backend]
@@ -297,7 +298,7 @@ def test_a_process_that_leaves_a_loader_mid_epoch_exits(tiny_shards, backend):
     # The torch backend's workers must still stop when the process exits with an epoch
     # half-read (multiprocessing's exit handler terminates and then joins them).
     script = (
-        "import sys; from deblur.data import make_loader\n"
+        "import sys; from deblur.loading.loader import make_loader\n"
         f"loader = make_loader(sys.argv[1], 'train', batch_size=2, backend={backend!r}, num_workers=2)\n"
         "batches = iter(loader); next(batches); print('one batch read')\n"
     )

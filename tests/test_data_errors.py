@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from deblur.data import ShardError, index_rows, make_loader
+from deblur.loading.contract import ShardError, index_rows
+from deblur.loading.loader import make_loader
 
 BACKENDS = ["dali", "torch"]
 pytestmark = pytest.mark.timeout(120)  # a hang fails instead of blocking CI

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deblur.blur import apply_blur
-from deblur.shard import build_shards
-from deblur.sources import SPLITS
+from deblur.shard.blur import apply_blur
+from deblur.shard.build import build_shards
+from deblur.shard.sources import SPLITS
 from tests.conftest import TINY_IMAGES, TINY_SHARD_SIZE
 
 

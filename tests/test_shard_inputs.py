@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from deblur.images import ImageError, decode_rgb, load_rgb
-from deblur.shard import build_shards, main
+from deblur.shard.build import build_shards, main
 from tests.conftest import photo_crops
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from deblur import shard as shard_module
-from deblur import tario
-from deblur.shard import build_shards, main
-from deblur.shard_verify import verify
+from deblur.shard import build as shard_module
+from deblur import files
+from deblur.shard.build import build_shards, main
+from deblur.shard.verify import verify
 
 ENV = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 OPTS = dict(seed=3, val_fraction=0.2, test_fraction=0.2, shard_size=6, workers=1, progress=False)
@@ -61,7 +61,7 @@ def test_resume_after_kill_finishes_identically(tiny_photo_folder, reference, tm
 def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder, reference,
                                                               tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_replace, published = tario.os.replace, []
+    real_replace, published = files.os.replace, []
 
     def dying_replace(src, dst):
         if str(dst).endswith(".tar"):
@@ -70,10 +70,10 @@ def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder,
             published.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(tario.os, "replace", dying_replace)
+    monkeypatch.setattr(files.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         build_shards(tiny_photo_folder, out, **OPTS)
-    monkeypatch.setattr(tario.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     tars = sorted(p.name for p in out.glob("*.tar"))
     assert len(tars) == 2 and not (out / "manifest.json").exists()
     assert len(list(out.glob("*.tar.partial"))) == 1

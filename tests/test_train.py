@@ -25,11 +25,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from deblur.checkpoint import state_digest, verify_checkpoint
-from deblur.config import load_config
-from deblur.data import manifest_split
+from deblur.training.checkpoint import state_digest, verify_checkpoint
+from deblur.training.config import load_config
+from deblur.loading.contract import manifest_split
 from deblur.models import Generator
-from deblur.shard import build_shards
+from deblur.shard.build import build_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from deblur import hardware
-from deblur.config import LossConfig, OptimConfig
-from deblur.gan import GanStep, StepStats, make_optimizer
+from deblur.training import hardware
+from deblur.training.config import LossConfig, OptimConfig
+from deblur.training.gan import GanStep, StepStats, make_optimizer
 from deblur.models import Discriminator, Generator
-from deblur.samples import labelled_grid
-from deblur.train import DeviceToHost, Meter
+from deblur.training.samples import labelled_grid
+from deblur.training.loop import DeviceToHost, Meter
 
 
 @pytest.fixture(scope="module")

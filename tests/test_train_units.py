@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deblur.checkpoint import complete_checkpoints, latest_checkpoint, remove_partial_saves, step_dir_name
-from deblur.gan import bce_towards, frozen, ssim_loss, summarize
+from deblur.training.checkpoint import complete_checkpoints, latest_checkpoint, remove_partial_saves, step_dir_name
+from deblur.training.gan import bce_towards, frozen, ssim_loss, summarize
 from deblur.models import Discriminator
 from deblur.norm import normalize
 

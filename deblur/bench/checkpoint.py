@@ -1,7 +1,7 @@
 """What a durable checkpoint costs: ``python -m deblur.bench checkpoint [--repeat 5] [--dir DIR]``.
 
 Saves the full-size models (generator, discriminator and both Adam states, as the trainer does,
-one process) with deblur.checkpoint.save_checkpoint, alternating two ways: as shipped (every
+one process) with deblur.training.checkpoint.save_checkpoint, alternating two ways: as shipped (every
 file, the manifest, the folder and its parent fsynced) and with ``os.fsync`` made a no-op, so
 the difference is the price of durability. Both write the sha256 manifest; verifying one
 checkpoint (what resuming does before loading it) is timed on its own. ``os.sync()`` runs,
@@ -25,7 +25,7 @@ from unittest import mock
 import torch
 from accelerate import Accelerator
 
-from deblur.checkpoint import save_checkpoint, verify_checkpoint
+from deblur.training.checkpoint import save_checkpoint, verify_checkpoint
 from deblur.models import Discriminator, Generator
 
 

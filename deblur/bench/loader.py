@@ -63,7 +63,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from deblur.data import MEMBERS, find_shards, make_loader, read_members, usable_cores
+from deblur.loading.contract import MEMBERS, find_shards, read_members, usable_cores
+from deblur.loading.loader import make_loader
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from deblur import demo
-from deblur.shard import build_shards
+from deblur.shard import demo
+from deblur.shard.build import build_shards
 
 
 def demo_folder(folder: Path, images: int) -> Path:

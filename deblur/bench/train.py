@@ -71,7 +71,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace, workdir: Path, precision: str, channels_last: bool, compiled: bool):
-    from deblur.config import build_config
+    from deblur.training.config import build_config
 
     return build_config(
         {
@@ -96,8 +96,8 @@ def flops_per_image(gan, batch, updates: int, batch_size: int) -> float:
 def trial(args: argparse.Namespace, precision: str, workdir: Path) -> dict:
     """In this process: every variant side by side on synthetic input, then the shipped
     setting fed by the loader."""
-    from deblur.hardware import resolve_compile, resolve_precision
-    from deblur.train import build_accelerator, build_loader, build_models, endless
+    from deblur.training.hardware import resolve_compile, resolve_precision
+    from deblur.training.loop import build_accelerator, build_loader, build_models, endless
 
     base = bench_config(args, workdir, PRECISIONS[precision], True, False)
     accelerator = build_accelerator(base)
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
         if args.shards is None:
             args.shards = Path("shards/demo")
             if not (args.shards / "manifest.json").exists():
-                from deblur.shard import build_shards
+                from deblur.shard.build import build_shards
 
                 args.shards = Path(tmp) / "demo"
                 print(f"building demo shards in {args.shards} (pass --shards to use your own)", file=sys.stderr)

@@ -14,10 +14,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from deblur.blur import kernel_from_params, stored_blur
-from deblur.shard import stored_size
-from deblur.sources import SPLITS
-from deblur.tario import index_of_tar, sha256_file, split_name
+from deblur.shard.blur import kernel_from_params, stored_blur
+from deblur.shard.build import stored_size
+from deblur.shard.sources import SPLITS
+from deblur.files import sha256_file
+from deblur.shard.tario import index_of_tar, split_name
 
 MEMBERS = ("sharp.jpg", "blur.jpg", "json")
 

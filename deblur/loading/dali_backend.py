@@ -1,4 +1,4 @@
-"""``backend="dali"``: the pipeline of deblur.dali_pipeline behind the PairLoader interface.
+"""``backend="dali"``: the pipeline of deblur.loading.dali_graph behind the PairLoader interface.
 
 Epoch bookkeeping: the reader pads every rank's part to the longest part, ``ceil(N/W)`` samples,
 and then to a whole batch by repeating the last sample (``pad_last_batch``), so every rank's
@@ -7,7 +7,7 @@ reader epoch is ``ceil(ceil(N/W)/B)`` batches and the next epoch starts at the p
 * drop_last=True: the iterator runs with ``LastBatchPolicy.FILL``, so one iterator epoch is
   exactly one reader epoch. The loader yields its first ``(N//W)//B`` batches (equal on all
   ranks) and decodes-and-discards the rest (at most one batch, which holds the remainder and
-  the padding): the DROP policy of deblur.data. DALI's own DROP policy is not used because,
+  the padding): the DROP policy of deblur.loading.contract. DALI's own DROP policy is not used because,
   with parts of unequal length whose shorter one is a multiple of the batch size, it leaves
   the padded batch in the pipeline and the next epoch would start with it.
 * drop_last=False: ``LastBatchPolicy.PARTIAL``. With ``reader_name`` the iterator's epoch is
@@ -28,8 +28,8 @@ import re
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from deblur.dali_pipeline import READER_NAME, default_hw_decoder_load, pair_pipeline
-from deblur.data import PairOptions, Position, RankPart, ShardError, derived_seed, find_undecodable
+from deblur.loading.dali_graph import READER_NAME, default_hw_decoder_load, pair_pipeline
+from deblur.loading.contract import PairOptions, Position, RankPart, ShardError, derived_seed, find_undecodable
 
 
 def dali_summary(message: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from deblur.data import MEMBERS, PairOptions, RankPart, derived_seed
+from deblur.loading.contract import MEMBERS, PairOptions, RankPart, derived_seed
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
 
 READER_NAME = "Reader"
@@ -52,7 +52,7 @@ def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool, hw_decoder_l
         missing_component_behavior="error",
         shard_id=shard_id,
         num_shards=num_shards,
-        # Every rank keeps its own contiguous part each epoch (see deblur.data); padding makes
+        # Every rank keeps its own contiguous part each epoch (see deblur.loading.contract); padding makes
         # all parts the same whole number of batches, so every epoch starts at the start of the
         # part instead of wrapping into the next epoch's samples.
         stick_to_shard=True,

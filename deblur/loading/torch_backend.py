@@ -1,6 +1,6 @@
 """``backend="torch"``: a torch DataLoader over the shards' indexes, the reference for DALI.
 
-Same epoch definition as deblur.data (rank's contiguous part of the stored order, buffer
+Same epoch definition as deblur.loading.contract (rank's contiguous part of the stored order, buffer
 shuffle, N//W//B full batches or, with drop_last=False, the whole part with a smaller last
 batch, one flip per pair). Its order is a pure function of ``(seed, rank, epoch)``, which gives
 both multi-worker loading and resuming:
@@ -27,13 +27,11 @@ import os
 import random
 from typing import Iterator
 
-import numpy as np
-import simplejpeg
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from deblur.data import MEMBERS, PairOptions, Position, RankPart, ShardError, ShardFile, derived_seed, index_rows
+from deblur.loading.contract import MEMBERS, PairOptions, Position, RankPart, ShardError, ShardFile, derived_seed, index_rows
+from deblur.loading.decode import decode_resized
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's initial_fill
@@ -50,30 +48,6 @@ def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
             yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
-
-
-def decode_resized(data: bytes, image_size: int, where: str) -> torch.Tensor:
-    """JPEG bytes -> (3, S, S) uint8, decoded and resized with an antialiased bilinear filter.
-
-    simplejpeg (libjpeg-turbo, as PIL and DALI's CPU decoder, same pixels) and torch's uint8
-    antialiased bilinear (triangle) kernel, which runs vectorised on the decoder's HWC output:
-    1.7x faster per 178x218 image than PIL's decode + resize (PIL also parses headers in
-    Python) and within one grey level of it. The filter is DALI's (linear + antialias), so the
-    backends agree within decoder tolerance. No DCT-domain downscale (PIL's draft(), simplejpeg's
-    min_width): faster still, but it moves this reference backend away from DALI's full decode
-    (3-4 % of values off by > 0.05 instead of 0.2 %).
-    """
-    try:
-        image = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
-    except (ValueError, RuntimeError) as error:
-        raise ShardError(f"cannot decode {where}: {error}") from error
-    return F.interpolate(image[None], size=(image_size, image_size), mode="bilinear",
-                         antialias=True, align_corners=False)[0]
-
-
-def decode_member(data: bytes, image_size: int, where: str) -> np.ndarray:
-    """JPEG bytes -> (S, S, 3) uint8 numpy image, exactly the pixels the loader trains on."""
-    return decode_resized(data, image_size, where).permute(1, 2, 0).numpy()
 
 
 class PairStream(IterableDataset):

@@ -46,7 +46,7 @@ from accelerate import Accelerator
 from pytorch_msssim import ssim
 from torch import nn
 
-from deblur.config import LossConfig, OptimConfig
+from deblur.training.config import LossConfig, OptimConfig
 from deblur.metrics import psnr
 from deblur.metrics import ssim as ssim_per_image
 from deblur.norm import denormalize

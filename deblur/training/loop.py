@@ -1,7 +1,7 @@
 """The training loop: ``accelerate launch launch/train.py --config configs/ddp.yaml [key=value ...]``.
 
 Read top to bottom: set up Accelerate, models, optimizers and the per-rank loaders; resume from
-the newest checkpoint in ``output_dir`` that verifies; then repeat GAN steps (see deblur/gan.py),
+the newest checkpoint in ``output_dir`` that verifies; then repeat GAN steps (see deblur/training/gan.py),
 logging, evaluating, checkpointing, until ``train.max_steps`` or a stop signal; finally write
 ``generator.safetensors`` and ``metrics.json`` (test split).
 
@@ -32,14 +32,15 @@ from accelerate.utils import parse_flag_from_env, set_seed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from deblur.checkpoint import remove_partial_saves, resume_checkpoint, save_checkpoint, step_dir_name
-from deblur.config import Config, dump_config
-from deblur.data import make_loader, manifest_split, usable_cores
-from deblur.gan import GanStep, StepStats, make_optimizer, restoration_sums, summarize
-from deblur.hardware import resolve_compile, resolve_precision
+from deblur.training.checkpoint import remove_partial_saves, resume_checkpoint, save_checkpoint, step_dir_name
+from deblur.training.config import Config, dump_config
+from deblur.loading.contract import manifest_split, usable_cores
+from deblur.loading.loader import make_loader
+from deblur.training.gan import GanStep, StepStats, make_optimizer, restoration_sums, summarize
+from deblur.training.hardware import resolve_compile, resolve_precision
 from deblur.models import Discriminator, Generator
 from deblur.norm import denormalize
-from deblur.samples import labelled_grid
+from deblur.training.samples import labelled_grid
 from deblur.weights import save_generator
 
 
@@ -189,7 +190,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     # No buffer broadcast at each forward: it copies rank 0's BatchNorm buffers into every
     # replica in place, which is what breaks a BN module used twice before one backward on
     # CUDA. D's running statistics are never used (it always runs in train mode), so each rank
-    # keeping its own is harmless. See deblur/gan.py for the full argument.
+    # keeping its own is harmless. See deblur/training/gan.py for the full argument.
     accelerator.ddp_handler = _DdpKwargs()
     accelerator.print(f"precision: {precision} ({why})")
     return accelerator
@@ -432,7 +433,7 @@ def train(cfg: Config) -> str:
     val_loader = build_loader(cfg, accelerator, "val", train=False)
 
     # Resume: the same command continues from the newest checkpoint that verifies, on any
-    # number of processes (deblur/checkpoint.py says what carries over).
+    # number of processes (deblur/training/checkpoint.py says what carries over).
     step, counters = 0, {}
     resumed = resume_checkpoint(accelerator, checkpoints, train_loader.state_dict())
     if resumed is not None:

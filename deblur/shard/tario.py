@@ -1,4 +1,4 @@
-"""Deterministic WebDataset tar writing, DALI ``wds2idx`` index files, atomic file publishing.
+"""Deterministic WebDataset tar writing and DALI ``wds2idx`` index files.
 
 Tars are plain USTAR with every header field fixed (mtime, uid/gid, names, mode), so the same
 samples always give the same bytes. The index is what DALI's ``wds2idx`` writes:
@@ -8,9 +8,7 @@ its members on one line, where the key is the member name up to its first dot.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -24,24 +22,6 @@ def split_name(name: str) -> tuple[str, str]:
     base = name.rsplit("/", 1)[-1]
     dot = name.find(".", len(name) - len(base))
     return name[:dot], name[dot + 1:]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.partial`` + rename: never a half-written ``path``."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

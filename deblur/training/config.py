@@ -50,7 +50,7 @@ class DataConfig(_Section):
     decode_threads: PositiveInt | None = None
     # DALI on a GPU only: share of JPEGs for the GPU's hardware JPEG engine, the rest decoded
     # with CUDA helped by the threads above. None = 0.0 with >= 12 threads, 1.0 with <= 4,
-    # 0.65 (DALI's default) between: measured on an H200 (deblur.dali_pipeline).
+    # 0.65 (DALI's default) between: measured on an H200 (deblur.loading.dali_graph).
     hw_decoder_load: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
@@ -82,7 +82,7 @@ class TrainConfig(_Section):
     checkpoint_every: PositiveInt
     keep_checkpoints: PositiveInt = 3
     # auto = bf16 where the hardware has bf16 matrix units (recent GPUs; CPUs with AMX or
-    # AVX512-BF16), fp32 elsewhere; see deblur/hardware.py. The run logs what it chose and why.
+    # AVX512-BF16), fp32 elsewhere; see deblur/training/hardware.py. The run logs what it chose and why.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # torch.compile of G and D (in place: state-dict keys are unchanged, so checkpoints move
     # freely between compiled and eager runs). auto = on for CUDA, off on CPU.
