@@ -38,12 +38,11 @@ from tqdm import tqdm
 
 from deblur.shard.blur import kernel_from_params, stored_blur
 from deblur.device import resolve_device
-from deblur.loading.contract import ShardError, manifest_split
 from deblur.images import decode_rgb
 from deblur.infer import resize_unit, restore
 from deblur.metrics import psnr, ssim
 from deblur.models import Generator
-from deblur.shard.sources import SPLITS
+from deblur.shard.format import BLURRED, MANIFEST, META, SHARP, SPLITS, ShardError, manifest_split
 from deblur.loading.decode import decode_member
 from deblur.weights import load_generator
 
@@ -76,17 +75,17 @@ def read_pairs(tars: list[Path], image_size: int) -> Iterator[Pair]:
         key = sample["__key__"]
         where = f"{sample.get('__url__', '?')}: sample {key!r}"
         try:
-            blur = stored_blur(json.loads(sample["json"]))
-            sharp_bytes, blurred_bytes = sample["sharp.jpg"], sample["blur.jpg"]
+            blur = stored_blur(json.loads(sample[META]))
+            sharp_bytes, blurred_bytes = sample[SHARP], sample[BLURRED]
         except KeyError as e:
             raise ValueError(f"{where}: missing member or key {e}") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: unreadable json ({e})") from e
         yield Pair(
             key=key,
-            sharp=_as_unit(decode_member(sharp_bytes, image_size, f"{where} sharp.jpg")),
-            blurred=_as_unit(decode_member(blurred_bytes, image_size, f"{where} blur.jpg")),
-            blurred_stored=np.asarray(decode_rgb(blurred_bytes, f"{where} blur.jpg").image, dtype=np.float64) / 255.0,
+            sharp=_as_unit(decode_member(sharp_bytes, image_size, f"{where} {SHARP}")),
+            blurred=_as_unit(decode_member(blurred_bytes, image_size, f"{where} {BLURRED}")),
+            blurred_stored=np.asarray(decode_rgb(blurred_bytes, f"{where} {BLURRED}").image, dtype=np.float64) / 255.0,
             blur=blur,
         )
 
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tars, samples = manifest_split(args.shards, args.split)
         if not tars:
-            raise ValueError(f"{args.shards / 'manifest.json'}: split {args.split!r} has no shards")
+            raise ValueError(f"{args.shards / MANIFEST}: split {args.split!r} has no shards")
         generator = load_generator(args.weights, resolve_device(args.device))
         result = evaluate(
             generator,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from deblur.shard.blur import apply_blur
 from deblur.shard.build import build_shards
-from deblur.shard.sources import SPLITS
+from deblur.shard.format import SPLITS
 from tests.conftest import TINY_IMAGES, TINY_SHARD_SIZE
 
 

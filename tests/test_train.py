@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from deblur.training.checkpoint import state_digest, verify_checkpoint
 from deblur.training.config import load_config
-from deblur.loading.contract import manifest_split
+from deblur.shard.format import manifest_split
 from deblur.models import Generator
 from deblur.shard.build import build_shards
 

@@ -63,9 +63,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from deblur.loading.contract import MEMBERS, find_shards, read_members, usable_cores
+from deblur.loading.contract import find_shards, read_members, usable_cores
 from deblur.loading.loader import make_loader
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+from deblur.shard.format import MANIFEST, PAIR_MEMBERS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -87,7 +88,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--repeat must be >= 1, --seconds > 0 and --warmup >= 0")
     if args.small_shards:  # the comparison only means something on the same photographs
-        sources = [json.loads((root / "manifest.json").read_text()).get("source")
+        sources = [json.loads((root / MANIFEST).read_text()).get("source")
                    for root in (args.shards, args.small_shards)]
         if sources[0] != sources[1]:
             parser.error(f"--shards and --small-shards were built from different sources: {sources}")
@@ -98,7 +99,7 @@ def read_pairs(shards: Path, split: str) -> list[tuple[str, bytes, bytes]]:
     """(key, blurred JPEG, sharp JPEG) of every sample of the split, read by index offsets."""
     members = read_members(find_shards(shards, split))
     # zip of one iterator with itself takes it two items at a time: each sample yields its
-    # blurred member, then its sharp one (the MEMBERS order).
+    # blurred member, then its sharp one (the PAIR_MEMBERS order).
     return [(name.split(".", 1)[0], blurred, sharp)
             for (_, name, blurred), (_, _, sharp) in zip(members, members)]
 
@@ -230,7 +231,7 @@ def pil_decode_method(pool, workers: int) -> Method:
 def decode_only_pipeline(shards: Path, split: str, gpu: bool = False, hw_decoder_load: float = 0.65):
     found = find_shards(shards, split)
     jpegs = fn.readers.webdataset(paths=[str(s.tar) for s in found], index_paths=[str(s.idx) for s in found],
-                                  ext=list(MEMBERS))
+                                  ext=list(PAIR_MEMBERS))
     decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
     return tuple(fn.decoders.image(member, output_type=types.RGB, **decoder) for member in jpegs)
 

@@ -164,10 +164,12 @@ def main(argv: list[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(trial(args, args.one, Path(tmp))))
         return
+    from deblur.shard.format import MANIFEST
+
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards is None:
             args.shards = Path("shards/demo")
-            if not (args.shards / "manifest.json").exists():
+            if not (args.shards / MANIFEST).exists():
                 from deblur.shard.build import build_shards
 
                 args.shards = Path(tmp) / "demo"

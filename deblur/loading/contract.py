@@ -3,9 +3,9 @@
 Both backends follow one definition of what an epoch is, so that they are interchangeable and
 a test can compare them:
 
-* The split's samples, in **stored order**, are the shards sorted by name (``train-000000.tar``,
-  ``train-000001.tar``, ...) and, inside each shard, the members in tar order (the order of the
-  ``.idx`` lines). Call that list ``0 .. N-1``.
+* The split's samples, in **stored order**, are the shards in the order ``manifest.json`` lists
+  them (by name: ``train-000000.tar``, ``train-000001.tar``, ...) and, inside each shard, the
+  members in tar order (the order of the ``.idx`` lines). Call that list ``0 .. N-1``.
 * Rank ``r`` of ``W`` owns the contiguous part ``[floor(N*r/W), floor(N*(r+1)/W))``: exactly
   how DALI's readers cut a dataset with ``shard_id``/``num_shards`` (its ``start_index``), and
   the ranks' parts are disjoint and cover every sample.
@@ -33,9 +33,7 @@ own checkpoint); ``load_state_dict`` before iterating resumes with exactly the n
 from __future__ import annotations
 
 import io
-import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
@@ -44,13 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deblur.shard.sources import SPLITS
+from deblur.shard.format import (MANIFEST, PAIR_MEMBERS, SPLITS, ShardError, index_path, index_rows,
+                                 manifest_split, read_index)
 
-MEMBERS = ("blur.jpg", "sharp.jpg")  # reader output order: (blurred, sharp)
-
-
-class ShardError(RuntimeError):
-    """A shard (tar or its index) is missing, truncated, corrupt or holds an undecodable member."""
 
 
 @dataclass(frozen=True)
@@ -161,85 +155,13 @@ class PairLoader(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def index_path(tar: Path) -> Path:
-    """``train-000000.tar`` -> ``train-000000.idx`` (the shard contract: same name, .idx)."""
-    return tar.with_suffix(".idx")
-
-
-def read_index(tar: Path) -> int:
-    """Validate a shard's DALI index against its tar cheaply; return its sample count.
-
-    DALI reads members at the index's offsets without looking at the tar headers, so a stale
-    index or a truncated tar would surface deep inside the pipeline; here it names the file.
-    """
-    idx = index_path(tar)
-    if not idx.is_file():
-        raise ShardError(f"missing index {idx} for shard {tar} (build it with wds2idx)")
-    lines = idx.read_text().splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
-        raise ShardError(f"{idx}: not a wds2idx v1.2 index (first line {lines[:1]}) for shard {tar}")
-    count, rows = int(head[1]), lines[1:]
-    if len(rows) != count:
-        raise ShardError(f"{idx}: header says {count} samples but lists {len(rows)}, shard {tar}")
-    tar_size = tar.stat().st_size
-    try:
-        samples = parse_index_rows(rows)
-    except (ValueError, IndexError) as error:
-        raise ShardError(f"{idx}: malformed index line ({error}) for shard {tar}") from error
-    for row_no, members in enumerate(samples, start=2):
-        for ext in MEMBERS:
-            if ext not in members:
-                raise ShardError(f"{idx} line {row_no}: sample has no .{ext} member, shard {tar}")
-            offset, size, _ = members[ext]
-            if offset + size > tar_size:
-                raise ShardError(
-                    f"shard {tar} is truncated or does not match its index: .{ext} member at "
-                    f"{offset}+{size} bytes but the tar has {tar_size} bytes ({idx} line {row_no})"
-                )
-    return count
-
-
-def parse_index_rows(rows: list[str]) -> list[dict[str, tuple[int, int, str]]]:
-    """One dict per sample line: member ext -> (data offset, size, member name)."""
-    samples = []
-    for row in rows:
-        fields = row.split()
-        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                        for i in range(0, len(fields) - 3, 4)})
-    return samples
-
-
-def index_rows(idx: Path) -> list[dict[str, tuple[int, int, str]]]:
-    """One dict per sample of a ``.idx`` file: member ext -> (data offset, size, member name)."""
-    return parse_index_rows(idx.read_text().splitlines()[1:])
-
-
-def manifest_split(shards: Path | str, split: str) -> tuple[list[Path], int]:
-    """The split's tar files as ``manifest.json`` lists them, and its sample count ([] and 0 for
-    an empty split); a missing manifest or a listed tar that is not there is an error."""
-    manifest_path = Path(shards) / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = manifest["splits"][split]["shards"]
-    except FileNotFoundError as e:
-        raise ValueError(f"{manifest_path}: not found; build shards with python -m deblur.shard") from e
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{manifest_path}: no shard list for split {split!r} ({e!r})") from e
-    paths = [Path(shards) / entry["name"] for entry in entries]
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"{path}: listed in {manifest_path} but missing")
-    return paths, sum(int(entry["samples"]) for entry in entries)
-
-
 def read_members(shards: Iterable[ShardFile]) -> Iterator[tuple[ShardFile, str, bytes]]:
     """``(shard, member name, bytes)`` of every image member, in stored order, read at the
     offsets of the shard's index (the way DALI reads them, without parsing tar headers)."""
     for shard in shards:
         with shard.tar.open("rb") as tar:
             for members in index_rows(shard.idx):
-                for ext in MEMBERS:
+                for ext in PAIR_MEMBERS:
                     offset, size, name = members[ext]
                     tar.seek(offset)
                     yield shard, name, tar.read(size)
@@ -261,16 +183,19 @@ def find_undecodable(part: RankPart) -> str | None:
 
 
 def find_shards(shards: Path | str, split: str) -> tuple[ShardFile, ...]:
-    """The split's shard files in stored order, each checked against its index."""
+    """The split's shard files as ``manifest.json`` lists them (stored order), each checked
+    against its index."""
     root = Path(shards)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"shard folder {root} does not exist")
-    pattern = re.compile(rf"{split}-\d{{6}}\.tar")
-    tars = sorted(p for p in root.iterdir() if pattern.fullmatch(p.name))
+    try:
+        tars, _ = manifest_split(root, split)
+    except ValueError as error:  # no manifest, or a shard it lists is missing
+        raise ShardError(str(error)) from error
     if not tars:
-        raise ShardError(f"no shards for split {split!r} in {root} (expected {split}-NNNNNN.tar)")
+        raise ShardError(f"no shards for split {split!r} in {root} ({MANIFEST} lists none)")
     found = tuple(ShardFile(tar, index_path(tar), read_index(tar)) for tar in tars)
     if sum(s.samples for s in found) == 0:
         raise ShardError(f"split {split!r} in {root} has shards but no samples: {[str(t) for t in tars]}")

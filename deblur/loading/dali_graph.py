@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from deblur.loading.contract import MEMBERS, PairOptions, RankPart, derived_seed
+from deblur.loading.contract import PairOptions, RankPart, derived_seed
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+from deblur.shard.format import PAIR_MEMBERS
 
 READER_NAME = "Reader"
 
@@ -47,7 +48,7 @@ def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool, hw_decoder_l
     blurred, sharp = fn.readers.webdataset(
         paths=[str(s.tar) for s in part.shards],
         index_paths=[str(s.idx) for s in part.shards],
-        ext=list(MEMBERS),
+        ext=list(PAIR_MEMBERS),
         # An undecodable or missing member must fail loudly, never be skipped.
         missing_component_behavior="error",
         shard_id=shard_id,

@@ -11,7 +11,7 @@ import simplejpeg
 import torch
 import torch.nn.functional as F
 
-from deblur.loading.contract import ShardError
+from deblur.shard.format import ShardError
 
 
 def decode_resized(data: bytes, image_size: int, where: str) -> torch.Tensor:

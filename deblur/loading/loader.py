@@ -9,7 +9,8 @@ from typing import Literal
 import torch
 
 from deblur.device import resolve_device
-from deblur.loading.contract import PairLoader, PairOptions, RankPart, ShardError, find_shards, usable_cores
+from deblur.loading.contract import PairLoader, PairOptions, RankPart, find_shards, usable_cores
+from deblur.shard.format import ShardError
 
 Backend = Literal["dali", "torch"]
 

@@ -30,9 +30,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from deblur.loading.contract import MEMBERS, PairOptions, Position, RankPart, ShardError, ShardFile, derived_seed, index_rows
+from deblur.loading.contract import PairOptions, Position, RankPart, ShardFile, derived_seed
 from deblur.loading.decode import decode_resized
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+from deblur.shard.format import PAIR_MEMBERS, ShardError, index_rows
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's initial_fill
 
@@ -117,7 +118,7 @@ class PairStream(IterableDataset):
         mirrored on the way in: no stacking, transposing or flipping pass over the batch.
         """
         size = self.pairs.image_size
-        out = torch.empty((len(MEMBERS), len(samples), size, size, 3), dtype=torch.uint8)
+        out = torch.empty((len(PAIR_MEMBERS), len(samples), size, size, 3), dtype=torch.uint8)
         mirror = [False] * len(samples)
         if self.pairs.flip:
             coins = torch.Generator().manual_seed(derived_seed(self.pairs.seed, self.part.rank, self.epoch, batch))
@@ -125,7 +126,7 @@ class PairStream(IterableDataset):
         for i, (shard, row) in enumerate(samples):
             if shard not in tars:
                 tars[shard] = files.enter_context(open(shard.tar, "rb"))
-            for m, ext in enumerate(MEMBERS):
+            for m, ext in enumerate(PAIR_MEMBERS):
                 offset, length, name = row[ext]
                 where = f"shard {shard.tar} member {name}"
                 tars[shard].seek(offset)

@@ -35,13 +35,14 @@ from tqdm import tqdm
 from deblur.shard import demo as demo_data
 from deblur.shard.blur import BlurConfig, apply_blur, draw_params
 from deblur.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
-from deblur.shard.sources import (SPLITS, Item, Shard, find_partition, hash_split, list_files,
+from deblur.shard.format import (BLURRED, MANIFEST, META, SAMPLE_MEMBERS, SHARP, SPLITS, index_path,
+                                 stored_size)
+from deblur.shard.sources import (Item, Shard, find_partition, hash_split, list_files,
                             make_keys, plan_shards, read_partition)
 from deblur.files import sha256_file, write_atomic
 from deblur.shard.tario import build_tar
 
 JPEG_QUALITY = 95  # blurred member, and the sharp member when the source cannot be stored as-is
-MANIFEST = "manifest.json"
 RECORDS = ".build"  # per-shard completion records (resume and --part)
 DEMO_SOURCE = ".demo-src"  # where --demo materializes its CelebA-shaped folder inside --out
 SHARD_SIZE = 1000  # ~25 MB tars for CelebA: about 200 train shards to spread over ranks
@@ -103,17 +104,6 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
 Members = list[tuple[str, bytes]]  # (tar member name, data) of one sample
 
 
-def stored_size(size: tuple[int, int], store_size: int | None) -> tuple[int, int]:
-    """(w, h) of the stored members: the shorter side ``store_size``, aspect kept, never larger
-    than the source."""
-    w, h = size
-    if store_size is None or min(w, h) <= store_size:
-        return w, h
-    scale = store_size / min(w, h)
-    # max(): the short side is exactly store_size even where float rounding gives 63.99...
-    return max(store_size, round(w * scale)), max(store_size, round(h * scale))
-
-
 def make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | str]:
     """Decode, blur and encode one image (runs in a worker process).
 
@@ -151,9 +141,9 @@ def _make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | st
             "source_size": [w, h], "blur": blur, "sharp_reencoded": not keep_bytes}
     q = settings.jpeg_quality
     members = [
-        (f"{item.key}.sharp.jpg", data if keep_bytes else _jpeg(sharp_image, q)),
-        (f"{item.key}.blur.jpg", _jpeg(blurred_image, q)),
-        (f"{item.key}.json", json.dumps(meta, sort_keys=True).encode()),
+        (f"{item.key}.{SHARP}", data if keep_bytes else _jpeg(sharp_image, q)),
+        (f"{item.key}.{BLURRED}", _jpeg(blurred_image, q)),
+        (f"{item.key}.{META}", json.dumps(meta, sort_keys=True).encode()),
     ]
     return "ok", members
 
@@ -219,7 +209,7 @@ def finished_record(out: Path, shard: Shard, fp: str) -> dict | None:
     if record.get("samples") == 0:
         return record
     tar = out / shard.name
-    idx = tar.with_suffix(".idx")
+    idx = index_path(tar)
     if not (tar.is_file() and idx.is_file()) or sha256_file(tar) != record["sha256"]:
         return None
     return record
@@ -230,7 +220,7 @@ def write_shard(out: Path, shard: Shard, fp: str, results: list) -> dict:
     samples = [payload for (status, payload) in results if status == "ok"]
     skipped = [{"path": it.rel, "reason": payload}
                for it, (status, payload) in zip(shard.items, results) if status == "skip"]
-    tar_path, idx_path = out / shard.name, (out / shard.name).with_suffix(".idx")
+    tar_path, idx_path = out / shard.name, index_path(out / shard.name)
     record = {"name": shard.name, "split": shard.split, "fingerprint": fp,
               "samples": len(samples), "sha256": None, "skipped": skipped}
     if samples:
@@ -268,7 +258,7 @@ def make_manifest(plan: list[Shard], records: dict[str, dict], settings: ShardSe
         "blur": settings.blur.model_dump(mode="json") | {
             "scaling": "ranges are at reference_size px; multiplied by min(w, h) / reference_size "
                        "of the source; params at source size (deblur.shard.blur.stored_blur rescales)"},
-        "members": ["sharp.jpg", "blur.jpg", "json"],
+        "members": list(SAMPLE_MEMBERS),
         "samples": sum(v["samples"] for v in splits.values()),
         "splits": splits,
         "skipped": sorted(all_skipped, key=lambda s: s["path"]),
@@ -335,7 +325,7 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
 
     mine = [s for n, s in enumerate(plan) if n % part_n == part_i]
     for s in mine:  # leftovers of a killed run; other parts' .partial files may be in use
-        for leftover in (out / f"{s.name}.partial", out / f"{s.name[:-4]}.idx.partial"):
+        for leftover in (out / f"{s.name}.partial", out / f"{index_path(out / s.name).name}.partial"):
             leftover.unlink(missing_ok=True)
     records = {s.name: r for s in mine if (r := finished_record(out, s, fps[s.name]))}
     todo = [s for s in mine if s.name not in records]
@@ -409,7 +399,7 @@ def _remove_stale(out: Path, plan: list[Shard]) -> None:
         if path.name.split("-")[0] in SPLITS and path.name not in keep:
             print(f"removing stale shard {path.name} (not part of this build)", file=sys.stderr)
             path.unlink()
-            path.with_suffix(".idx").unlink(missing_ok=True)
+            index_path(path).unlink(missing_ok=True)
             (out / RECORDS / f"{path.name}.json").unlink(missing_ok=True)
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+from deblur.shard.format import SPLITS, shard_name
+
 PARTITION_FILE = "list_eval_partition.txt"  # CelebA's official split: 0=train, 1=val, 2=test
 _PARTITION_SPLITS = {"0": "train", "1": "val", "2": "test"}
 _MAX_KEY = 80  # + ".sharp.jpg" stays within a USTAR name (100 chars)
@@ -119,6 +120,6 @@ def plan_shards(items: list[Item], seed: int, shard_size: int) -> list[Shard]:
         order = np.random.default_rng([seed, split_index]).permutation(len(members))
         members = [members[i] for i in order]
         for n, start in enumerate(range(0, len(members), shard_size)):
-            shards.append(Shard(f"{split}-{n:06d}.tar", split,
+            shards.append(Shard(shard_name(split, n), split,
                                 tuple(members[start:start + shard_size])))
     return shards

@@ -15,22 +15,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from deblur.shard.blur import kernel_from_params, stored_blur
-from deblur.shard.build import stored_size
-from deblur.shard.sources import SPLITS
+from deblur.shard.format import BLURRED, MANIFEST, META, SAMPLE_MEMBERS, SHARP, SPLITS, index_path, split_name, stored_size
 from deblur.files import sha256_file
-from deblur.shard.tario import index_of_tar, split_name
-
-MEMBERS = ("sharp.jpg", "blur.jpg", "json")
-
+from deblur.shard.tario import index_of_tar
 
 def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str,
                   store_size: int | None) -> list[str]:
     where = f"{shard}: sample {key}"
-    if sorted(members) != sorted(MEMBERS):
-        return [f"{where}: members {sorted(members)}, expected {list(MEMBERS)}"]
+    if sorted(members) != sorted(SAMPLE_MEMBERS):
+        return [f"{where}: members {sorted(members)}, expected {list(SAMPLE_MEMBERS)}"]
     problems = []
     try:
-        meta = json.loads(members["json"])
+        meta = json.loads(members[META])
         if meta["key"] != key or meta["split"] != split:
             problems.append(f"{where}: json says key {meta['key']!r}, split {meta['split']!r}")
         kernel_from_params(meta["blur"])
@@ -42,7 +38,7 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str,
                             f"stored at store_size {store_size}")
     except (ValueError, KeyError, TypeError) as e:
         return problems + [f"{where}: bad json member: {type(e).__name__}: {e}"]
-    for ext in ("sharp.jpg", "blur.jpg"):
+    for ext in (SHARP, BLURRED):
         try:
             with Image.open(io.BytesIO(members[ext])) as im:
                 im.load()
@@ -61,7 +57,7 @@ def _check_shard(path: Path, entry: dict, split: str, keys: set[str],
     problems = []
     if sha256_file(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest")
-    idx = path.with_suffix(".idx")
+    idx = index_path(path)
     try:
         expected_index = index_of_tar(path)
         if not idx.is_file():
@@ -88,10 +84,10 @@ def _check_shard(path: Path, entry: dict, split: str, keys: set[str],
 def verify(root: Path, progress: bool = True) -> list[str]:
     root = Path(root)
     try:
-        manifest = json.loads((root / "manifest.json").read_text())
+        manifest = json.loads((root / MANIFEST).read_text())
         entries = [(split, s) for split in SPLITS for s in manifest["splits"][split]["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{root / 'manifest.json'}: unreadable manifest: {type(e).__name__}: {e}"]
+        return [f"{root / MANIFEST}: unreadable manifest: {type(e).__name__}: {e}"]
     problems, keys = [], set()
     for split, entry in tqdm(entries, unit="shard", desc=f"verifying {root.name}",
                              disable=not progress):

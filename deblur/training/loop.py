@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from deblur.training.checkpoint import remove_partial_saves, resume_checkpoint, save_checkpoint, step_dir_name
 from deblur.training.config import Config, dump_config
-from deblur.loading.contract import manifest_split, usable_cores
+from deblur.loading.contract import usable_cores
+from deblur.shard.format import manifest_split
 from deblur.loading.loader import make_loader
 from deblur.training.gan import GanStep, StepStats, make_optimizer, restoration_sums, summarize
 from deblur.training.hardware import resolve_compile, resolve_precision
