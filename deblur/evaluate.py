@@ -40,7 +40,7 @@ from deblur.shard.blur import kernel_from_params, stored_blur
 from deblur.device import resolve_device
 from deblur.images import decode_rgb
 from deblur.infer import resize_unit, restore
-from deblur.metrics import psnr, ssim
+from deblur.metrics import mean_scores, score_sums
 from deblur.models import Generator
 from deblur.shard.format import BLURRED, MANIFEST, META, SHARP, SPLITS, ShardError, manifest_split
 from deblur.loading.decode import decode_member
@@ -153,10 +153,11 @@ def evaluate(
     rl_iterations: int = RL_ITERATIONS,
     progress: bool = True,
 ) -> dict:
-    """Mean PSNR/SSIM per method over the shards' samples (the first ``limit`` if given)."""
+    """Mean PSNR/SSIM per method over the shards' samples (the first ``limit`` if given),
+    averaged by :mod:`deblur.metrics` as training's validation averages them."""
     device = next(generator.parameters()).device
     size = generator.image_size
-    scores: dict[str, dict[str, list[torch.Tensor]]] = {m: {"psnr": [], "ssim": []} for m in METHODS}
+    sums = {m: torch.zeros(2, dtype=torch.float64) for m in METHODS}
     batch: dict[str, list[torch.Tensor]] = {"sharp": [], **{m: [] for m in METHODS if m != "restored"}}
 
     def score_batch() -> None:
@@ -164,8 +165,7 @@ def evaluate(
         images = {m: torch.cat(batch[m]) for m in METHODS if m != "restored"}
         images["restored"] = restore(generator, images["blurred"].to(device)).cpu()
         for method, image in images.items():
-            scores[method]["psnr"].append(psnr(image, sharp))
-            scores[method]["ssim"].append(ssim(image, sharp))
+            sums[method] += score_sums(image, sharp).double()
         for members in batch.values():
             members.clear()
 
@@ -189,10 +189,7 @@ def evaluate(
     bar.close()
     if n == 0:
         raise ValueError(f"no samples in {', '.join(map(str, tars))}")
-    result: dict = {
-        method: {metric: torch.cat(values).mean().item() for metric, values in per.items()}
-        for method, per in scores.items()
-    }
+    result: dict = {method: mean_scores(sums[method], n) for method in METHODS}
     result["n"] = n
     return result
 

@@ -14,7 +14,8 @@ from deblur.training.config import LossConfig, OptimConfig
 from deblur.training.gan import GanStep, StepStats, make_optimizer
 from deblur.models import Discriminator, Generator
 from deblur.training.samples import labelled_grid
-from deblur.training.loop import DeviceToHost, Meter
+from deblur.training.meter import Meter
+from deblur.training.stop import DeviceToHost
 
 
 @pytest.fixture(scope="module")

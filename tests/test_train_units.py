@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from deblur.training.checkpoint import complete_checkpoints, latest_checkpoint, remove_partial_saves, step_dir_name
-from deblur.training.gan import bce_towards, frozen, ssim_loss, summarize
+from deblur.training.gan import bce_towards, frozen, ssim_loss
+from deblur.training.validation import summarize
 from deblur.models import Discriminator
 from deblur.norm import normalize
 

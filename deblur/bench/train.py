@@ -97,7 +97,8 @@ def trial(args: argparse.Namespace, precision: str, workdir: Path) -> dict:
     """In this process: every variant side by side on synthetic input, then the shipped
     setting fed by the loader."""
     from deblur.training.hardware import resolve_compile, resolve_precision
-    from deblur.training.loop import build_accelerator, build_loader, build_models, endless
+    from deblur.training.feed import endless
+    from deblur.training.setup import build_accelerator, build_loader, build_models
 
     base = bench_config(args, workdir, PRECISIONS[precision], True, False)
     accelerator = build_accelerator(base)
