@@ -78,7 +78,7 @@ def test_convolution_reflects_at_borders_like_scipy():
 
 
 def test_blur_strength_lands_near_20_to_27_db_at_64px():
-    """DESIGN.md's target: measured on real photo crops after resizing to 64x64."""
+    """docs/design.md's target: measured on real photo crops after resizing to 64x64."""
     cfg = BlurConfig()
     scores = {"gaussian": [], "motion": []}
     for i, im in enumerate(photo_crops(48)):
@@ -89,7 +89,7 @@ def test_blur_strength_lands_near_20_to_27_db_at_64px():
         scores[params["type"]].append(10 * np.log10(255**2 / ((a - b) ** 2).mean()))
     for kind, values in scores.items():
         assert len(values) >= 10, kind
-        # Median in the target band; flat crops (moon, sky) score higher, as DESIGN.md notes.
+        # Median in the target band; flat crops (moon, sky) score higher, as docs/design.md notes.
         assert 20.0 <= np.median(values) <= 27.0, (kind, np.round(values, 1))
         assert np.percentile(values, 10) >= 17.0, (kind, np.round(values, 1))
 

@@ -1,4 +1,4 @@
-"""The networks match the seed's tables (DESIGN.md): every layer's output size for a 64x64
+"""The networks match the paper's tables (docs/design.md): every layer's output size for a 64x64
 input, and parameter counts computed from the tables' shapes, independently of the code."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from deblur.models import Discriminator, Generator
 
-# (name, in channels, out channels, kernel, output size) straight from the DESIGN table.
+# (name, in channels, out channels, kernel, output size) straight from the table in docs/design.md.
 GENERATOR_TABLE = [
     ("enc1", 3, 64, 3, 62),
     ("enc2", 64, 128, 3, 30),

@@ -7,7 +7,7 @@ Measures (blurred, sharp) pairs per second of one split's pairs for
 
 * ``dali``: ``make_loader(backend="dali")`` (shuffle and flip on, as in training);
 * ``torch``: ``make_loader(backend="torch")`` (index reads + DataLoader, same settings);
-* ``original``: the original project's way: the same pairs exported once to two folders of PNG
+* ``original``: the way of the reference code this project reimplements: the same pairs exported once to two folders of PNG
   files with identical names, read with PIL + torchvision Resize/ToTensor/Normalize, a shuffling
   torch DataLoader with as many workers as cores;
 * ``raw_decode``: the machine's JPEG decode rate for the same pairs, decode only, all cores: the

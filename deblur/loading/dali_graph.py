@@ -33,7 +33,7 @@ def reader_shard(part: RankPart) -> tuple[int, int]:
 
 def default_hw_decoder_load(decode_threads: int) -> float:
     """Share of JPEGs for the GPU's hardware decoder, from the decode-only rates measured on one
-    H200 (issue 10, 178x218 JPEGs, pairs/s for load 0 / 0.65 / 1.0): 16 threads 18.3k / 16.1k /
+    H200 (BENCHMARKS.md, 178x218 JPEGs, pairs/s for load 0 / 0.65 / 1.0): 16 threads 18.3k / 16.1k /
     11.7k, 4 threads 5.8k / 14.5k / 15.3k. With many threads the CPU-assisted CUDA decoder
     alone is fastest; with few, the hardware engine should take everything; in between (not
     measured) DALI's own default split."""

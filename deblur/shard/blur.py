@@ -12,7 +12,7 @@ kernel; for shards stored downscaled (``python -m deblur.shard --store-size``),
   by splatting ``ceil(8 L)`` evenly spaced points bilinearly, normalized to sum 1.
 
 Strength. The paper trains at 64x64, so the ranges in :class:`BlurConfig` are given at a
-64-px reference (DESIGN.md: sigma 1.6-2.6 px or length 7-12 px lands at roughly 20-27 dB PSNR
+64-px reference (docs/design.md: sigma 1.6-2.6 px or length 7-12 px lands at roughly 20-27 dB PSNR
 after resizing to 64x64) and scaled by ``min(w, h) / 64`` to the source image. One scale for
 both axes keeps the kernel a physically plausible (isotropic / straight) blur at the source
 resolution; for CelebA's 178x218 the short side maps exactly onto 64 px.

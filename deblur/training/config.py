@@ -59,7 +59,7 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    # Adam with beta1 = 0.5 is the usual GAN choice (DCGAN); the seed names no optimizer.
+    # Adam with beta1 = 0.5 is the usual GAN choice (DCGAN); the paper names no optimizer.
     g_lr: PositiveFloat = 2e-4
     d_lr: PositiveFloat = 2e-4
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
@@ -74,7 +74,7 @@ class LossConfig(_Section):
     # penalizes a global colour shift, which costs PSNR (measured on the demo: -1.35 dB of
     # drift after 100 steps with SSIM + adversarial alone). 0 gives the paper's exact loss.
     l1_weight: NonNegativeFloat = 1.0
-    g_updates_per_step: PositiveInt = 3  # the seed: three G updates per D update
+    g_updates_per_step: PositiveInt = 3  # the paper's: three G updates per D update
 
 
 class TrainConfig(_Section):
