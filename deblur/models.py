@@ -50,9 +50,7 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"Generator expects {self.image_size}x{self.image_size} inputs, got {tuple(x.shape[-2:])}"
-            )
+            raise ValueError(f"Generator expects {self.image_size}x{self.image_size} inputs, got {tuple(x.shape[-2:])}")
         e1 = self.enc1(x)
         e2 = self.enc2(e1)
         e3 = self.enc3(e2)

@@ -94,8 +94,9 @@ def test_ranks_read_disjoint_contiguous_parts(tiny_shards, references, backend, 
     total = len(references[backend])
     seen = []
     for rank in range(world):
-        loader = load(tiny_shards, backend, batch_size=batch, rank=rank, world_size=world,
-                      shuffle=shuffle, flip=False, seed=5)
+        loader = load(
+            tiny_shards, backend, batch_size=batch, rank=rank, world_size=world, shuffle=shuffle, flip=False, seed=5
+        )
         assert len(loader) == (total // world) // batch
         epochs = [sample_ids(loader, references[backend]) for _ in range(2)]
         part = set(range(total * rank // world, total * (rank + 1) // world))
@@ -114,8 +115,10 @@ def test_ranks_read_disjoint_contiguous_parts(tiny_shards, references, backend, 
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_backends_yield_same_pairs_in_same_order(tiny_shards, rank):
-    runs = [list(load(tiny_shards, backend, batch_size=4, rank=rank, world_size=2,
-                      shuffle=False, flip=False)) for backend in BACKENDS]
+    runs = [
+        list(load(tiny_shards, backend, batch_size=4, rank=rank, world_size=2, shuffle=False, flip=False))
+        for backend in BACKENDS
+    ]
     assert len(runs[0]) == len(runs[1]) > 0
     assert_backends_agree(*runs)
 
@@ -138,8 +141,12 @@ def test_flip_is_shared_by_both_members(tiny_shards, references, backend):
     flipped_pairs = same_pairs = 0
     for blurred, sharp in load(tiny_shards, backend, batch_size=4, shuffle=False, flip=True, seed=1):
         for b, s in zip(blurred, sharp):
-            matches = [(i, f) for i in range(len(reference)) for f in (False, True)
-                       if torch.equal(reference[i, 1].flip(-1) if f else reference[i, 1], s)]
+            matches = [
+                (i, f)
+                for i in range(len(reference))
+                for f in (False, True)
+                if torch.equal(reference[i, 1].flip(-1) if f else reference[i, 1], s)
+            ]
             assert len(matches) == 1
             index, flipped = matches[0]
             expected = reference[index, 0].flip(-1) if flipped else reference[index, 0]
@@ -219,8 +226,17 @@ def test_partial_yields_every_sample_once(tiny_shards, references, backend, shuf
     total = len(reference)
     seen = []
     for rank in range(world):
-        loader = load(tiny_shards, backend, batch_size=batch, rank=rank, world_size=world,
-                      shuffle=shuffle, flip=False, seed=3, drop_last=False)
+        loader = load(
+            tiny_shards,
+            backend,
+            batch_size=batch,
+            rank=rank,
+            world_size=world,
+            shuffle=shuffle,
+            flip=False,
+            seed=3,
+            drop_last=False,
+        )
         part = list(range(total * rank // world, total * (rank + 1) // world))
         sizes = [min(batch, len(part) - start) for start in range(0, len(part), batch)]
         epochs = []
@@ -239,8 +255,14 @@ def test_partial_yields_every_sample_once(tiny_shards, references, backend, shuf
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_backends_agree_with_partial_batches(tiny_shards, rank):
-    runs = [list(load(tiny_shards, backend, batch_size=4, rank=rank, world_size=2, shuffle=False,
-                      flip=False, drop_last=False)) for backend in BACKENDS]
+    runs = [
+        list(
+            load(
+                tiny_shards, backend, batch_size=4, rank=rank, world_size=2, shuffle=False, flip=False, drop_last=False
+            )
+        )
+        for backend in BACKENDS
+    ]
     assert [len(sharp) for _, sharp in runs[0]] == [4, 4, 3]  # 22 samples: parts of 11
     assert_backends_agree(*runs)
 
@@ -250,12 +272,28 @@ def test_partial_with_fewer_samples_than_ranks(tiny_shards, backend):
     """Empty parts yield no batch (and build no DALI reader); the others one sample each."""
     total = sum(s.samples for s in find_shards(tiny_shards, "val"))
     world = total + 2
-    reference = torch.cat([sharp for _, sharp in make_loader(
-        tiny_shards, "val", batch_size=1, shuffle=False, flip=False, backend=backend, num_workers=1)])
+    reference = torch.cat(
+        [
+            sharp
+            for _, sharp in make_loader(
+                tiny_shards, "val", batch_size=1, shuffle=False, flip=False, backend=backend, num_workers=1
+            )
+        ]
+    )
     seen = []
     for rank in range(world):
-        loader = make_loader(tiny_shards, "val", batch_size=2, rank=rank, world_size=world,
-                             shuffle=False, flip=False, backend=backend, num_workers=1, drop_last=False)
+        loader = make_loader(
+            tiny_shards,
+            "val",
+            batch_size=2,
+            rank=rank,
+            world_size=world,
+            shuffle=False,
+            flip=False,
+            backend=backend,
+            num_workers=1,
+            drop_last=False,
+        )
         part = list(range(total * rank // world, total * (rank + 1) // world))
         assert len(loader) == len(part)
         for _ in range(2):
@@ -270,8 +308,7 @@ def test_partial_with_fewer_samples_than_ranks(tiny_shards, backend):
 # of an epoch whose DALI reader still holds the empty all-padding batch.
 @pytest.mark.parametrize("world, rank, consumed", [(2, 1, 2), (2, 1, 4), (5, 0, 1), (5, 0, 2)])
 def test_partial_resume_continues_with_the_next_batch(tiny_shards, backend, world, rank, consumed):
-    options = dict(batch_size=4, rank=rank, world_size=world, shuffle=True, flip=True, seed=7,
-                   drop_last=False)
+    options = dict(batch_size=4, rank=rank, world_size=world, shuffle=True, flip=True, seed=7, drop_last=False)
     uninterrupted = load(tiny_shards, backend, **options)
     expected = [pair for _ in range(3) for pair in uninterrupted]
     first = load(tiny_shards, backend, **options)
@@ -302,6 +339,7 @@ def test_a_process_that_leaves_a_loader_mid_epoch_exits(tiny_shards, backend):
         f"loader = make_loader(sys.argv[1], 'train', batch_size=2, backend={backend!r}, num_workers=2)\n"
         "batches = iter(loader); next(batches); print('one batch read')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(tiny_shards)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_shards)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "one batch read" in done.stdout, done.stderr[-2000:]

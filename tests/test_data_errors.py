@@ -93,6 +93,6 @@ def test_tar_headers_are_not_needed(shards, backend):
     offset, _, _ = member(shards, "train-000000.tar", 0, "blur.jpg")
     tar = shards / "train-000000.tar"
     data = bytearray(tar.read_bytes())
-    data[offset - 512 + 148: offset - 512 + 156] = b"garbage!"  # the header's checksum field
+    data[offset - 512 + 148 : offset - 512 + 156] = b"garbage!"  # the header's checksum field
     tar.write_bytes(bytes(data))
     read_all(shards, backend)

@@ -56,8 +56,9 @@ def test_empty_split_and_missing_folder_are_named(tiny_photo_folder, tmp_path, i
     from deblur.shard.build import build_shards
 
     out = tmp_path / "no_val"
-    build_shards(tiny_photo_folder, out, val_fraction=0.0, test_fraction=0.2, shard_size=64, workers=1,
-                 limit=6, progress=False)
+    build_shards(
+        tiny_photo_folder, out, val_fraction=0.0, test_fraction=0.2, shard_size=64, workers=1, limit=6, progress=False
+    )
     assert main(["--weights", str(identity_weights), "--shards", str(out), "--split", "val"]) == 2
     assert "split 'val' has no shards" in capsys.readouterr().err
     assert main(["--weights", str(identity_weights), "--shards", str(tmp_path / "nowhere")]) == 2

@@ -63,7 +63,7 @@ def find_cycle() -> list[str] | None:
         path.append(node)
         for target in sorted(GRAPH[node]):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node] = 2
@@ -98,8 +98,12 @@ def test_models_and_their_math_import_no_data_or_training(module):
 
 @pytest.mark.parametrize("module", ["deblur.infer", "deblur.evaluate", "deblur.export", "deblur.weights"])
 def test_the_use_side_imports_no_loader_backend_and_no_training(module):
-    forbidden = {"deblur.loading.loader", "deblur.loading.dali_backend", "deblur.loading.dali_graph",
-                 "deblur.loading.torch_backend"}
+    forbidden = {
+        "deblur.loading.loader",
+        "deblur.loading.dali_backend",
+        "deblur.loading.dali_graph",
+        "deblur.loading.torch_backend",
+    }
     found = reachable(module)
     assert not found & forbidden and not {m for m in found if m.startswith("deblur.training")}, sorted(found)
 

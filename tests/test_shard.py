@@ -69,10 +69,12 @@ def test_read_back_with_dali_cpu(tiny_shards: Path):
     @pipeline_def(batch_size=4, num_threads=1, device_id=None)
     def pipe():
         sharp, blurred, meta = fn.readers.webdataset(
-            paths=train, index_paths=[p[:-4] + ".idx" for p in train],
-            ext=["sharp.jpg", "blur.jpg", "json"], name="reader")
-        return (fn.decoders.image(sharp, device="cpu"), fn.decoders.image(blurred, device="cpu"),
-                meta)
+            paths=train,
+            index_paths=[p[:-4] + ".idx" for p in train],
+            ext=["sharp.jpg", "blur.jpg", "json"],
+            name="reader",
+        )
+        return (fn.decoders.image(sharp, device="cpu"), fn.decoders.image(blurred, device="cpu"), meta)
 
     p = pipe()
     p.build()

@@ -58,8 +58,7 @@ def test_resume_after_kill_finishes_identically(tiny_photo_folder, reference, tm
     assert dataset_files(out) == dataset_files(reference)
 
 
-def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder, reference,
-                                                              tmp_path, monkeypatch):
+def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
     real_replace, published = files.os.replace, []
 
@@ -160,15 +159,17 @@ def test_verify_catches_an_undecodable_member(reference, tmp_path):
 def test_sigkilled_cli_build_leaves_only_complete_tars(tiny_photo_folder, tmp_path):
     """A real kill -9 of the CLI (and its workers) mid-build, then the same command again."""
     reference = tmp_path / "reference"
-    opts = ["--seed", "3", "--val-fraction", "0.2", "--test-fraction", "0.2",
-            "--shard-size", "2", "--no-progress"]
+    opts = ["--seed", "3", "--val-fraction", "0.2", "--test-fraction", "0.2", "--shard-size", "2", "--no-progress"]
     cmd = [sys.executable, "-m", "deblur.shard", "--src", str(tiny_photo_folder), *opts]
-    subprocess.run(cmd + ["--out", str(reference), "--workers", "1"], check=True,
-                   capture_output=True, env=ENV)
+    subprocess.run(cmd + ["--out", str(reference), "--workers", "1"], check=True, capture_output=True, env=ENV)
     out = tmp_path / "out"
-    proc = subprocess.Popen(cmd + ["--out", str(out), "--workers", "2"], env=ENV,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + ["--out", str(out), "--workers", "2"],
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not list(out.glob("*.tar")) and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -178,6 +179,5 @@ def test_sigkilled_cli_build_leaves_only_complete_tars(tiny_photo_folder, tmp_pa
     assert published and not (out / "manifest.json").exists()
     for tar in published:  # whatever carries a final name is complete and correct
         assert tar.read_bytes() == (reference / tar.name).read_bytes(), tar.name
-    subprocess.run(cmd + ["--out", str(out), "--workers", "2"], check=True,
-                   capture_output=True, env=ENV)
+    subprocess.run(cmd + ["--out", str(out), "--workers", "2"], check=True, capture_output=True, env=ENV)
     assert dataset_files(out) == dataset_files(reference)

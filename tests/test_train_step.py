@@ -101,7 +101,12 @@ def test_device_to_host_copy_on_cpu():
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
-    [({"avx512f", "amx_bf16", "amx_tile"}, "bf16"), ({"avx512f", "avx512_bf16"}, "bf16"), ({"avx512f", "avx2"}, "no"), (set(), "no")],
+    [
+        ({"avx512f", "amx_bf16", "amx_tile"}, "bf16"),
+        ({"avx512f", "avx512_bf16"}, "bf16"),
+        ({"avx512f", "avx2"}, "no"),
+        (set(), "no"),
+    ],
 )
 def test_auto_precision_follows_the_cpu_bf16_units(monkeypatch, flags, expected):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))

@@ -44,8 +44,15 @@ def pairs(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def config(tmp_path):
-    return build_config({"output_dir": str(tmp_path / "run"), "data": {"shards": str(tmp_path), "batch_size": 2},
-                         "train": {"max_steps": 1, "checkpoint_every": 1}, "wandb": {"mode": "disabled"}}, "test config")
+    return build_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "data": {"shards": str(tmp_path), "batch_size": 2},
+            "train": {"max_steps": 1, "checkpoint_every": 1},
+            "wandb": {"mode": "disabled"},
+        },
+        "test config",
+    )
 
 
 def test_throughput_leaves_paused_time_out():
@@ -74,8 +81,14 @@ def test_feed_times_and_records_every_batch(tmp_path):
         feed.step = step
         next(feed), next(feed)
     rows = [json.loads(line) for line in record.read_text().splitlines()]
-    assert [(r["step"], r["update"], r["epoch"]) for r in rows] == [(0, 0, 0), (0, 1, 0), (1, 0, 1), (1, 1, 1),
-                                                                    (2, 0, 2), (2, 1, 2)]
+    assert [(r["step"], r["update"], r["epoch"]) for r in rows] == [
+        (0, 0, 0),
+        (0, 1, 0),
+        (1, 0, 1),
+        (1, 1, 1),
+        (2, 0, 2),
+        (2, 1, 2),
+    ]
     assert all(len(r["sharp"]) == 2 for r in rows) and feed.wait >= 0
 
 
@@ -121,8 +134,16 @@ def test_final_outputs_are_loadable_weights_and_json_metrics(accelerator, gan, t
     metrics = summarize(torch.zeros(5))  # an empty test split: NaN scores are written as null
     write_final_outputs(cfg, accelerator, gan, 12, metrics, ["abc"])
     written = json.loads((cfg.output_dir / "metrics.json").read_text())
-    assert written == {"split": "test", "step": 12, "psnr_restored": None, "ssim_restored": None,
-                       "psnr_blurred": None, "ssim_blurred": None, "images": 0, "replica_param_sha256": ["abc"]}
+    assert written == {
+        "split": "test",
+        "step": 12,
+        "psnr_restored": None,
+        "ssim_restored": None,
+        "psnr_blurred": None,
+        "ssim_blurred": None,
+        "images": 0,
+        "replica_param_sha256": ["abc"],
+    }
     generator = load_generator(cfg.output_dir / "generator.safetensors", torch.device("cpu"))
     unwrapped = accelerator.unwrap_model(gan.generator)
     assert all(torch.equal(a, b) for a, b in zip(generator.state_dict().values(), unwrapped.state_dict().values()))

@@ -42,9 +42,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deblur.shard.format import (MANIFEST, PAIR_MEMBERS, SPLITS, ShardError, index_path, index_rows,
-                                 manifest_split, read_index)
-
+from deblur.shard.format import (
+    MANIFEST,
+    PAIR_MEMBERS,
+    SPLITS,
+    ShardError,
+    index_path,
+    index_rows,
+    manifest_split,
+    read_index,
+)
 
 
 @dataclass(frozen=True)
@@ -140,9 +147,11 @@ class Position:
         saved = state.get("settings", {})
         differing = sorted(k for k in self.settings.keys() | saved.keys() if saved.get(k) != self.settings.get(k))
         if differing:
-            raise ValueError(f"loader state was saved with other settings: {differing} differ "
-                             f"(saved {[saved.get(k) for k in differing]}, "
-                             f"now {[self.settings.get(k) for k in differing]})")
+            raise ValueError(
+                f"loader state was saved with other settings: {differing} differ "
+                f"(saved {[saved.get(k) for k in differing]}, "
+                f"now {[self.settings.get(k) for k in differing]})"
+            )
         if not 0 <= state["batch"] <= len(self):
             raise ValueError(f"loader state batch {state['batch']} is outside an epoch of {len(self)} batches")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

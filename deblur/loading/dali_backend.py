@@ -45,15 +45,23 @@ def dali_summary(message: str) -> str:
 class DaliPairLoader(Position):
     backend = "dali"
 
-    def __init__(self, part: RankPart, pairs: PairOptions, *, decode_threads: int | None = None,
-                 hw_decoder_load: float | None = None, **runtime):
+    def __init__(
+        self,
+        part: RankPart,
+        pairs: PairOptions,
+        *,
+        decode_threads: int | None = None,
+        hw_decoder_load: float | None = None,
+        **runtime,
+    ):
         super().__init__(part, pairs, **runtime)
         # One thread more than the cores it is given: between operators DALI's executor and
         # the iterator's copy run while the pool waits, and the spare thread keeps the cores
         # busy then (CPU loader +7 % on 2 cores, decode-only unchanged; BENCHMARKS.md).
         self.decode_threads = decode_threads or self.num_workers + 1
-        self.hw_decoder_load = (default_hw_decoder_load(self.decode_threads)
-                                if hw_decoder_load is None else hw_decoder_load)
+        self.hw_decoder_load = (
+            default_hw_decoder_load(self.decode_threads) if hw_decoder_load is None else hw_decoder_load
+        )
         self._checkpoint: bytes | None = None  # restored DALI state, used by the next build
         self._iterator: DALIGenericIterator | None = None
 
@@ -75,8 +83,11 @@ class DaliPairLoader(Position):
         policy = LastBatchPolicy.FILL if self.part.drop_last else LastBatchPolicy.PARTIAL
         try:
             return DALIGenericIterator(
-                [pipe], ["blurred", "sharp"], reader_name=READER_NAME,
-                last_batch_policy=policy, auto_reset=True,
+                [pipe],
+                ["blurred", "sharp"],
+                reader_name=READER_NAME,
+                last_batch_policy=policy,
+                auto_reset=True,
             )
         except RuntimeError as error:
             raise self._shard_error(error) from error

@@ -75,8 +75,9 @@ def _prepare(jpegs, image_size: int, gpu: bool, hw_decoder_load: float, mirror):
     images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
     # Triangular (linear + antialias) filter: the same as PIL's BILINEAR when downscaling, so
     # the torch backend matches it within JPEG-decoder tolerance.
-    images = fn.resize(images, resize_x=image_size, resize_y=image_size,
-                       interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.resize(
+        images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=True
+    )
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,

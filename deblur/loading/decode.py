@@ -29,8 +29,9 @@ def decode_resized(data: bytes, image_size: int, where: str) -> torch.Tensor:
         image = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
     except (ValueError, RuntimeError) as error:
         raise ShardError(f"cannot decode {where}: {error}") from error
-    return F.interpolate(image[None], size=(image_size, image_size), mode="bilinear",
-                         antialias=True, align_corners=False)[0]
+    return F.interpolate(
+        image[None], size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+    )[0]
 
 
 def decode_member(data: bytes, image_size: int, where: str) -> np.ndarray:

@@ -72,8 +72,7 @@ def make_loader(
     if backend == "dali":
         from deblur.loading.dali_backend import DaliPairLoader
 
-        return DaliPairLoader(part, pairs, decode_threads=decode_threads,
-                              hw_decoder_load=hw_decoder_load, **runtime)
+        return DaliPairLoader(part, pairs, decode_threads=decode_threads, hw_decoder_load=hw_decoder_load, **runtime)
     if backend == "torch":
         from deblur.loading.torch_backend import TorchPairLoader
 

@@ -54,8 +54,7 @@ def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
 class PairStream(IterableDataset):
     """One epoch of one rank's uint8 ``(blurred, sharp)`` batches, from batch ``start_batch``."""
 
-    def __init__(self, part: RankPart, pairs: PairOptions, *, epoch: int, start_batch: int,
-                 normalize: bool = False):
+    def __init__(self, part: RankPart, pairs: PairOptions, *, epoch: int, start_batch: int, normalize: bool = False):
         self.part = part
         self.pairs = pairs
         self.epoch = epoch
@@ -79,7 +78,7 @@ class PairStream(IterableDataset):
             rows = index_rows(shard.idx)
             skip = max(0, self.part.start - first_here)
             take = min(last, self.part.stop) - first_here - skip
-            for row in rows[skip:skip + take]:
+            for row in rows[skip : skip + take]:
                 yield shard, row
 
     def __iter__(self):
@@ -109,8 +108,9 @@ class PairStream(IterableDataset):
                 # instead (and the message, naming the shard, stays short).
                 yield error
 
-    def decode_batch(self, samples: list[tuple[ShardFile, dict]], batch: int, tars: dict,
-                     files: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_batch(
+        self, samples: list[tuple[ShardFile, dict]], batch: int, tars: dict, files: contextlib.ExitStack
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(blurred, sharp) (B, 3, S, S) with channels_last strides: uint8, or normalized float32
         with ``normalize``.
 
@@ -181,12 +181,17 @@ class TorchPairLoader(Position):
             return
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
-        stream = PairStream(self.part, self.pairs, epoch=self.epoch, start_batch=self.batch,
-                            normalize=self.device.type == "cpu")
-        batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                             pin_memory=self.device.type == "cuda",
-                             prefetch_factor=4 if self.num_workers else None,
-                             worker_init_fn=leave_launcher_process_group)
+        stream = PairStream(
+            self.part, self.pairs, epoch=self.epoch, start_batch=self.batch, normalize=self.device.type == "cpu"
+        )
+        batches = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.num_workers else None,
+            worker_init_fn=leave_launcher_process_group,
+        )
         for item in batches:
             if isinstance(item, ShardError):
                 raise ShardError(*item.args)

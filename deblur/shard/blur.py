@@ -93,8 +93,7 @@ def motion_kernel(length: float, angle: float) -> np.ndarray:
     x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
     fx, fy = xs - x0, ys - y0
     k = np.zeros((size, size), dtype=np.float64)
-    for dy, dx, w in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)),
-                      (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+    for dy, dx, w in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
         np.add.at(k, (y0 + dy, x0 + dx), w)
     return k / k.sum()
 
@@ -144,7 +143,7 @@ def apply_kernel(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     shape = (fft.next_fast_len(hp, real=True), fft.next_fast_len(wp, real=True))
     k = kernel.astype(np.float32).reshape(kernel.shape + (1,) * (x.ndim - 2))
     spectrum = fft.rfft2(x, shape, axes=(0, 1)) * fft.rfft2(k, shape, axes=(0, 1))
-    out = fft.irfft2(spectrum, shape, axes=(0, 1))[kh - 1:hp, kw - 1:wp]
+    out = fft.irfft2(spectrum, shape, axes=(0, 1))[kh - 1 : hp, kw - 1 : wp]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -35,10 +35,17 @@ from tqdm import tqdm
 from deblur.shard import demo as demo_data
 from deblur.shard.blur import BlurConfig, apply_blur, draw_params
 from deblur.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
-from deblur.shard.format import (BLURRED, MANIFEST, META, SAMPLE_MEMBERS, SHARP, SPLITS, index_path,
-                                 stored_size)
-from deblur.shard.sources import (Item, Shard, find_partition, hash_split, list_files,
-                            make_keys, plan_shards, read_partition)
+from deblur.shard.format import BLURRED, MANIFEST, META, SAMPLE_MEMBERS, SHARP, SPLITS, index_path, stored_size
+from deblur.shard.sources import (
+    Item,
+    Shard,
+    find_partition,
+    hash_split,
+    list_files,
+    make_keys,
+    plan_shards,
+    read_partition,
+)
 from deblur.files import sha256_file, write_atomic
 from deblur.shard.tario import build_tar
 
@@ -78,6 +85,7 @@ class ShardSettings(BaseModel):
 
 
 # ----------------------------------------------------------------------------- worker side
+
 
 def keep_freed_heap() -> None:
     """Stop glibc from handing freed heap back to the OS after every image.
@@ -122,8 +130,7 @@ def _make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | st
     except OSError as e:
         return "skip", f"cannot read: {e.strerror or e}"
     try:
-        decoded = decode_rgb(data, item.rel, min_size=settings.min_size,
-                             max_pixels=settings.max_pixels)
+        decoded = decode_rgb(data, item.rel, min_size=settings.min_size, max_pixels=settings.max_pixels)
     except ImageError as e:
         return "skip", str(e).removeprefix(f"{item.rel}: ")
     sharp = np.asarray(decoded.image)
@@ -137,8 +144,15 @@ def _make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | st
     if size != (w, h):
         sharp_image = sharp_image.resize(size, STORE_FILTER)
         blurred_image = blurred_image.resize(size, STORE_FILTER)
-    meta = {"key": item.key, "source": item.rel, "split": item.split, "size": list(size),
-            "source_size": [w, h], "blur": blur, "sharp_reencoded": not keep_bytes}
+    meta = {
+        "key": item.key,
+        "source": item.rel,
+        "split": item.split,
+        "size": list(size),
+        "source_size": [w, h],
+        "blur": blur,
+        "sharp_reencoded": not keep_bytes,
+    }
     q = settings.jpeg_quality
     members = [
         (f"{item.key}.{SHARP}", data if keep_bytes else _jpeg(sharp_image, q)),
@@ -150,8 +164,8 @@ def _make_sample(item: Item, settings: ShardSettings) -> tuple[str, Members | st
 
 # ----------------------------------------------------------------------------- planning
 
-def discover(src: Path, out: Path, settings: ShardSettings,
-             limit: int | None) -> tuple[list[Item], list[dict], str]:
+
+def discover(src: Path, out: Path, settings: ShardSettings, limit: int | None) -> tuple[list[Item], list[dict], str]:
     """(items, skipped, split rule) for a source folder; raises if it is missing."""
     if not src.is_dir():
         raise FileNotFoundError(f"--src {src} is not a directory")
@@ -169,8 +183,7 @@ def discover(src: Path, out: Path, settings: ShardSettings,
                 skipped.append({"path": rel, "reason": f"not listed in {partition_path.name}"})
                 continue
         else:
-            split = hash_split(settings.seed, keys[rel], settings.val_fraction,
-                               settings.test_fraction)
+            split = hash_split(settings.seed, keys[rel], settings.val_fraction, settings.test_fraction)
         path = src / rel
         try:
             size = path.stat().st_size
@@ -178,8 +191,7 @@ def discover(src: Path, out: Path, settings: ShardSettings,
             skipped.append({"path": rel, "reason": f"cannot read: {e.strerror or e}"})
             continue
         items.append(Item(keys[rel], rel, str(path.resolve()), split, size))
-    rule = (f"CelebA {partition_path.name}" if partition_path
-            else "hash of (seed, key) against val/test fractions")
+    rule = f"CelebA {partition_path.name}" if partition_path else "hash of (seed, key) against val/test fractions"
     return items, skipped, rule
 
 
@@ -187,10 +199,14 @@ def fingerprint(shard: Shard, settings: ShardSettings) -> str:
     """What a finished shard must have been built from for a rerun to keep it."""
     # exclude_none: a default build (store_size None) keeps the fingerprint it had before the
     # option existed, so upgrading does not rebuild finished shards; any store size changes it.
-    payload = json.dumps({"settings": settings.model_dump(mode="json", exclude_none=True),
-                          "name": shard.name,
-                          "items": [[it.key, it.rel, it.split, it.size] for it in shard.items]},
-                         sort_keys=True)
+    payload = json.dumps(
+        {
+            "settings": settings.model_dump(mode="json", exclude_none=True),
+            "name": shard.name,
+            "items": [[it.key, it.rel, it.split, it.size] for it in shard.items],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -218,11 +234,18 @@ def finished_record(out: Path, shard: Shard, fp: str) -> dict | None:
 def write_shard(out: Path, shard: Shard, fp: str, results: list) -> dict:
     """Publish one shard: tar and idx via .partial + rename, then its record."""
     samples = [payload for (status, payload) in results if status == "ok"]
-    skipped = [{"path": it.rel, "reason": payload}
-               for it, (status, payload) in zip(shard.items, results) if status == "skip"]
+    skipped = [
+        {"path": it.rel, "reason": payload} for it, (status, payload) in zip(shard.items, results) if status == "skip"
+    ]
     tar_path, idx_path = out / shard.name, index_path(out / shard.name)
-    record = {"name": shard.name, "split": shard.split, "fingerprint": fp,
-              "samples": len(samples), "sha256": None, "skipped": skipped}
+    record = {
+        "name": shard.name,
+        "split": shard.split,
+        "fingerprint": fp,
+        "samples": len(samples),
+        "sha256": None,
+        "skipped": skipped,
+    }
     if samples:
         tar_bytes, index = build_tar(samples)
         write_atomic(idx_path, index.encode())
@@ -235,12 +258,16 @@ def write_shard(out: Path, shard: Shard, fp: str, results: list) -> dict:
     return record
 
 
-def make_manifest(plan: list[Shard], records: dict[str, dict], settings: ShardSettings,
-                  source: str, rule: str, skipped: list[dict]) -> dict:
+def make_manifest(
+    plan: list[Shard], records: dict[str, dict], settings: ShardSettings, source: str, rule: str, skipped: list[dict]
+) -> dict:
     splits = {}
     for split in SPLITS:
-        shards = [{"name": r["name"], "samples": r["samples"], "sha256": r["sha256"]}
-                  for s in plan if s.split == split and (r := records[s.name])["samples"]]
+        shards = [
+            {"name": r["name"], "samples": r["samples"], "sha256": r["sha256"]}
+            for s in plan
+            if s.split == split and (r := records[s.name])["samples"]
+        ]
         splits[split] = {"shards": shards, "samples": sum(s["samples"] for s in shards)}
     all_skipped = skipped + [sk for s in plan for sk in records[s.name]["skipped"]]
     return {
@@ -255,9 +282,11 @@ def make_manifest(plan: list[Shard], records: dict[str, dict], settings: ShardSe
         "max_pixels": settings.max_pixels,
         "jpeg_quality": settings.jpeg_quality,
         "store_size": settings.store_size,
-        "blur": settings.blur.model_dump(mode="json") | {
+        "blur": settings.blur.model_dump(mode="json")
+        | {
             "scaling": "ranges are at reference_size px; multiplied by min(w, h) / reference_size "
-                       "of the source; params at source size (deblur.shard.blur.stored_blur rescales)"},
+            "of the source; params at source size (deblur.shard.blur.stored_blur rescales)"
+        },
         "members": list(SAMPLE_MEMBERS),
         "samples": sum(v["samples"] for v in splits.values()),
         "splits": splits,
@@ -266,6 +295,7 @@ def make_manifest(plan: list[Shard], records: dict[str, dict], settings: ShardSe
 
 
 # ----------------------------------------------------------------------------- building
+
 
 def _parse_part(part: str | tuple[int, int]) -> tuple[int, int]:
     if isinstance(part, str):
@@ -280,13 +310,24 @@ def _parse_part(part: str | tuple[int, int]) -> tuple[int, int]:
     return i, n
 
 
-def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, shard_size: int | None = None,
-                 workers: int | None = None,
-                 limit: int | None = None, demo: bool = False,
-                 part: str | tuple[int, int] | None = None, progress: bool = True,
-                 blur: BlurConfig | None = None, min_size: int = 64,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, store_size: int | None = None) -> dict:
+def build_shards(
+    src: Path | None,
+    out: Path,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    shard_size: int | None = None,
+    workers: int | None = None,
+    limit: int | None = None,
+    demo: bool = False,
+    part: str | tuple[int, int] | None = None,
+    progress: bool = True,
+    blur: BlurConfig | None = None,
+    min_size: int = 64,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    store_size: int | None = None,
+) -> dict:
     """Build (or finish building) a shard dataset in ``out``; return its manifest.
 
     ``shard_size`` defaults to 1000 samples per tar, or 64 for the demo. ``part=(I, N)`` or
@@ -295,11 +336,16 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
     ``"complete": False`` describing the part is returned. ``store_size`` stores both members
     with their shorter side at that many px (never upscaled); None keeps the source size.
     """
-    settings = ShardSettings(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                             shard_size=(shard_size if shard_size is not None
-                                         else DEMO_SHARD_SIZE if demo else SHARD_SIZE),
-                             min_size=min_size, max_pixels=max_pixels,
-                             blur=blur or BlurConfig(), store_size=store_size)
+    settings = ShardSettings(
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        shard_size=(shard_size if shard_size is not None else DEMO_SHARD_SIZE if demo else SHARD_SIZE),
+        min_size=min_size,
+        max_pixels=max_pixels,
+        blur=blur or BlurConfig(),
+        store_size=store_size,
+    )
     out = Path(out)
     if demo:
         if src is not None:
@@ -357,17 +403,22 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
 
     built = sum(records[s.name]["samples"] for s in todo)
     bad = Counter(sk["reason"].split(":")[0] for s in todo for sk in records[s.name]["skipped"])
-    print(f"built {len(todo)} shards, {built} samples from {n_items} images in {elapsed:.1f} s: "
-          f"{n_items / max(elapsed, 1e-9):.1f} images/s with {workers} workers; "
-          f"skipped {sum(bad.values())}" + (f" ({dict(bad)})" if bad else ""), file=sys.stderr)
+    print(
+        f"built {len(todo)} shards, {built} samples from {n_items} images in {elapsed:.1f} s: "
+        f"{n_items / max(elapsed, 1e-9):.1f} images/s with {workers} workers; "
+        f"skipped {sum(bad.values())}" + (f" ({dict(bad)})" if bad else ""),
+        file=sys.stderr,
+    )
 
     for s in plan:  # other parts' shards count only if they are really there
         if s.name not in records and (r := finished_record(out, s, fps[s.name])):
             records[s.name] = r
     missing = [s.name for s in plan if s.name not in records]
     if missing:
-        print(f"part {part_i}/{part_n} done; {len(missing)} shards of other parts missing, "
-              "manifest not written yet", file=sys.stderr)
+        print(
+            f"part {part_i}/{part_n} done; {len(missing)} shards of other parts missing, manifest not written yet",
+            file=sys.stderr,
+        )
         return {"complete": False, "part": [part_i, part_n], "missing": missing}
     manifest = make_manifest(plan, records, settings, source, rule, skipped)
     if manifest["samples"] == 0:
@@ -375,8 +426,10 @@ def build_shards(src: Path | None, out: Path, *, seed: int = 0, val_fraction: fl
     _remove_stale(out, plan)
     write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     counts = ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items())
-    print(f"dataset {out}: {manifest['samples']} samples ({counts}), "
-          f"{len(manifest['skipped'])} files skipped", file=sys.stderr)
+    print(
+        f"dataset {out}: {manifest['samples']} samples ({counts}), {len(manifest['skipped'])} files skipped",
+        file=sys.stderr,
+    )
     return manifest
 
 
@@ -405,6 +458,7 @@ def _remove_stale(out: Path, plan: list[Shard]) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -416,8 +470,9 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m deblur.shard", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m deblur.shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--src", type=Path, help="folder of sharp images (searched recursively)")
     p.add_argument("--out", type=Path, help="dataset folder to write")
     p.add_argument("--demo", action="store_true", help="use the built-in demo photographs")
@@ -426,22 +481,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
-    p.add_argument("--shard-size", type=int, default=None,
-                   help=f"samples per tar (default {SHARD_SIZE}; {DEMO_SHARD_SIZE} with --demo)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help=f"samples per tar (default {SHARD_SIZE}; {DEMO_SHARD_SIZE} with --demo)",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N files (sorted)")
-    p.add_argument("--part", default=None, metavar="I/N",
-                   help="build only portion I of N (0 <= I < N)")
+    p.add_argument("--part", default=None, metavar="I/N", help="build only portion I of N (0 <= I < N)")
     p.add_argument("--motion-fraction", type=float, default=0.5)
-    p.add_argument("--sigma-range", type=float, nargs=2, default=(1.6, 2.6), metavar=("LO", "HI"),
-                   help="Gaussian sigma range in px at 64-px scale")
-    p.add_argument("--motion-length-range", type=float, nargs=2, default=(7.0, 12.0),
-                   metavar=("LO", "HI"), help="motion length range in px at 64-px scale")
+    p.add_argument(
+        "--sigma-range",
+        type=float,
+        nargs=2,
+        default=(1.6, 2.6),
+        metavar=("LO", "HI"),
+        help="Gaussian sigma range in px at 64-px scale",
+    )
+    p.add_argument(
+        "--motion-length-range",
+        type=float,
+        nargs=2,
+        default=(7.0, 12.0),
+        metavar=("LO", "HI"),
+        help="motion length range in px at 64-px scale",
+    )
     p.add_argument("--min-size", type=int, default=64, help="skip images with a shorter side")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse larger images as decompression bombs")
-    p.add_argument("--store-size", type=_positive_int, default=None, metavar="PX",
-                   help="store both members downscaled so the shorter side is PX (never "
-                        "upscaled; default: source size); blur is still applied at source size")
+    p.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images as decompression bombs"
+    )
+    p.add_argument(
+        "--store-size",
+        type=_positive_int,
+        default=None,
+        metavar="PX",
+        help="store both members downscaled so the shorter side is PX (never "
+        "upscaled; default: source size); blur is still applied at source size",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -460,13 +536,28 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --out is required", file=sys.stderr)
         return 2
     try:
-        blur = BlurConfig(motion_fraction=args.motion_fraction, sigma_range=args.sigma_range,
-                          motion_length_range=args.motion_length_range)
-        build_shards(args.src, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                     test_fraction=args.test_fraction, shard_size=args.shard_size,
-                     workers=args.workers, limit=args.limit, demo=args.demo, part=args.part,
-                     progress=not args.no_progress, blur=blur, min_size=args.min_size,
-                     max_pixels=args.max_pixels, store_size=args.store_size)
+        blur = BlurConfig(
+            motion_fraction=args.motion_fraction,
+            sigma_range=args.sigma_range,
+            motion_length_range=args.motion_length_range,
+        )
+        build_shards(
+            args.src,
+            args.out,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            limit=args.limit,
+            demo=args.demo,
+            part=args.part,
+            progress=not args.no_progress,
+            blur=blur,
+            min_size=args.min_size,
+            max_pixels=args.max_pixels,
+            store_size=args.store_size,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

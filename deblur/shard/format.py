@@ -68,8 +68,10 @@ def stored_size(size: tuple[int, int], store_size: int | None) -> tuple[int, int
 
 def index_text(samples: list[list[tuple[str, int, int]]]) -> str:
     """The index for ``samples``, each a list of (member name, data offset, size) in tar order."""
-    lines = [" ".join(f"{split_name(name)[1]} {offset} {size} {name}" for name, offset, size in members)
-             for members in samples]
+    lines = [
+        " ".join(f"{split_name(name)[1]} {offset} {size} {name}" for name, offset, size in members)
+        for members in samples
+    ]
     return f"{INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
 
 
@@ -78,8 +80,9 @@ def parse_index_rows(rows: list[str]) -> list[dict[str, tuple[int, int, str]]]:
     samples = []
     for row in rows:
         fields = row.split()
-        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                        for i in range(0, len(fields) - 3, 4)})
+        samples.append(
+            {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields) - 3, 4)}
+        )
     return samples
 
 

@@ -296,8 +296,9 @@ def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, fresh_loader_
     accelerator.load_state(str(path))  # optimizer states are whole on every rank: any count loads them
     # The digest of exactly what save_state wrote (Accelerate's prepared models and optimizers, in
     # its file order), for comparing a resumed state with the checkpoint's files.
-    digest = state_digest([accelerator.get_state_dict(m) for m in accelerator._models],
-                          [o.state_dict() for o in accelerator._optimizers])
+    digest = state_digest(
+        [accelerator.get_state_dict(m) for m in accelerator._models], [o.state_dict() for o in accelerator._optimizers]
+    )
     step, saved_processes, processes = trainer_state["step"], trainer_state["world_size"], accelerator.num_processes
     report = [f"resumed from {path} at step {step}; models and optimizers sha256 {digest}"]
     rank = accelerator.process_index
@@ -306,8 +307,11 @@ def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, fresh_loader_
         return Resume(path, trainer_state, loader_state, report)
     saved = json.loads((path / loader_state_name(0)).read_text())
     loader_state = relayout_loader_state(saved, fresh_loader_state)
-    again = ("that epoch had been read to its end" if loader_state["epoch"] > saved["epoch"]
-             else "what the ranks had read of it is read again")
+    again = (
+        "that epoch had been read to its end"
+        if loader_state["epoch"] > saved["epoch"]
+        else "what the ranks had read of it is read again"
+    )
     if loader_state["settings"]["backend"] == "dali":
         again += "; the DALI pipeline restarts from its seed, so its shuffle is not an uninterrupted run's"
     report += [
@@ -317,8 +321,11 @@ def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, fresh_loader_
         f"in epoch {saved['epoch']}; every rank now starts epoch {loader_state['epoch']} at batch 0 of its new part "
         f"({again})",
         f"RNG states: {ranks(0, min(saved_processes, processes) - 1)} restored from random_states_<rank>.pkl; "
-        + (f"those of {ranks(processes, saved_processes - 1)} not used" if saved_processes > processes
-           else f"none saved for {ranks(saved_processes, processes - 1)}, seeded as at a fresh start"),
+        + (
+            f"those of {ranks(processes, saved_processes - 1)} not used"
+            if saved_processes > processes
+            else f"none saved for {ranks(saved_processes, processes - 1)}, seeded as at a fresh start"
+        ),
     ]
     return Resume(path, trainer_state, loader_state, report)
 

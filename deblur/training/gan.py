@@ -160,7 +160,9 @@ class GanStep:
         found_inf = (~torch.isfinite(values[0])).float()
         return torch.cat([found_inf.reshape(1), values]), found_inf
 
-    def _apply(self, loss: torch.Tensor, found_inf: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _apply(
+        self, loss: torch.Tensor, found_inf: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
         """Backward and optimizer step; the fused kernel leaves weights and Adam state untouched
         (step count included) when ``found_inf`` is 1. Deciding on the device instead of with
         ``if loss.isfinite():`` spares a host wait per update. Under fp16 the grad scaler sets

@@ -68,22 +68,35 @@ def train(cfg: Config) -> str:
             meter.read(step)
             scalars = interval_scalars(gan, meter, feed, accelerator, *throughput.interval())
             log.scalars(scalars, step)
-            progress.set_postfix(g=f"{scalars.get('g/loss', float('nan')):.3f}", d=f"{scalars.get('d/loss', float('nan')):.3f}",
-                                 img_s=f"{scalars['perf/images_per_s']:.0f}")
+            progress.set_postfix(
+                g=f"{scalars.get('g/loss', float('nan')):.3f}",
+                d=f"{scalars.get('d/loss', float('nan')):.3f}",
+                img_s=f"{scalars['perf/images_per_s']:.0f}",
+            )
             throughput.restart()
             feed.wait = 0.0
 
         with throughput.paused():  # validation and checkpoints do not count against images/s
             if val_loader is not None and (step % cfg.train.eval_every == 0 or last):
-                validate_and_sample(accelerator, gan, val_loader, log, step, cfg.output_dir / "samples",
-                                    cfg.train.sample_images)
+                validate_and_sample(
+                    accelerator, gan, val_loader, log, step, cfg.output_dir / "samples", cfg.train.sample_images
+                )
             stopped = stop.agreed(accelerator)
             if stopped or step % cfg.train.checkpoint_every == 0 or last:
                 meter.read(step)
-                save_checkpoint(accelerator, checkpoints, step, train_loader.state_dict(), meter.counters(),
-                                config_yaml, keep=cfg.train.keep_checkpoints)
+                save_checkpoint(
+                    accelerator,
+                    checkpoints,
+                    step,
+                    train_loader.state_dict(),
+                    meter.counters(),
+                    config_yaml,
+                    keep=cfg.train.keep_checkpoints,
+                )
         if stopped:
-            accelerator.print(f"stop signal: saved {checkpoints / step_dir_name(step)}; rerun the same command to resume")
+            accelerator.print(
+                f"stop signal: saved {checkpoints / step_dir_name(step)}; rerun the same command to resume"
+            )
             break
     progress.close()
 

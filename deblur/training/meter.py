@@ -87,8 +87,9 @@ class Throughput:
         return self.steps * self.images_per_step, time.perf_counter() - self.start - self.paused_s
 
 
-def interval_scalars(gan: GanStep, meter: Meter, feed: Feed, accelerator: Accelerator, images: int,
-                     elapsed: float) -> dict[str, float]:
+def interval_scalars(
+    gan: GanStep, meter: Meter, feed: Feed, accelerator: Accelerator, images: int, elapsed: float
+) -> dict[str, float]:
     """Everything logged every ``train.log_every`` steps; ``images`` were consumed by this rank
     in ``elapsed`` seconds of training (validation and checkpoints not counted)."""
     per_process = images / elapsed

@@ -44,8 +44,9 @@ def replica_fingerprints(accelerator: Accelerator, gan: GanStep) -> list[str]:
     return gather_object([digest.hexdigest()])
 
 
-def write_final_outputs(cfg: Config, accelerator: Accelerator, gan: GanStep, step: int, test_metrics: dict,
-                        fingerprints: list[str]) -> None:
+def write_final_outputs(
+    cfg: Config, accelerator: Accelerator, gan: GanStep, step: int, test_metrics: dict, fingerprints: list[str]
+) -> None:
     """``generator.safetensors`` and ``metrics.json`` (NaN scores of an empty split as null),
     written by the main process."""
     if not accelerator.is_main_process:

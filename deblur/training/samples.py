@@ -44,7 +44,9 @@ def save_samples(accelerator: Accelerator, gan: GanStep, batch, count: int, path
     # never be in a position to wait for the others.
     with accelerator.autocast():
         restored = accelerator.unwrap_model(gan.generator)(blurred)
-    rows = {name: denormalize(t.float()).clamp(0, 1).cpu() for name, t in
-            (("blurred (input)", blurred), ("restored (G)", restored), ("sharp (target)", sharp))}
+    rows = {
+        name: denormalize(t.float()).clamp(0, 1).cpu()
+        for name, t in (("blurred (input)", blurred), ("restored (G)", restored), ("sharp (target)", sharp))
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     labelled_grid(rows, scale=3).save(path)

@@ -64,8 +64,10 @@ def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
             model.to(memory_format=torch.channels_last)
         if compiled:
             model.compile()
-    accelerator.print(f"compile: {'on' if compiled else 'off'} ({why}); "
-                      f"memory format: {'channels_last' if cfg.train.channels_last else 'contiguous (NCHW)'}")
+    accelerator.print(
+        f"compile: {'on' if compiled else 'off'} ({why}); "
+        f"memory format: {'channels_last' if cfg.train.channels_last else 'contiguous (NCHW)'}"
+    )
     g_optimizer = make_optimizer(generator, cfg.optim.g_lr, cfg.optim)
     d_optimizer = make_optimizer(discriminator, cfg.optim.d_lr, cfg.optim)
     # Order matters for checkpoints: model.safetensors is G, model_1.safetensors is D.

@@ -21,7 +21,9 @@ from deblur.training.tracking import Log
 
 
 @torch.no_grad()
-def restoration_sums(accelerator: Accelerator, generator: nn.Module, blurred: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+def restoration_sums(
+    accelerator: Accelerator, generator: nn.Module, blurred: torch.Tensor, sharp: torch.Tensor
+) -> torch.Tensor:
     """Sums over one batch of [PSNR restored, SSIM restored, PSNR blurred, SSIM blurred, count].
 
     Sums (not means) so that batches and ranks of different sizes combine exactly.
@@ -49,7 +51,9 @@ def summarize(sums: torch.Tensor) -> dict[str, float]:
     }
 
 
-def validate(accelerator: Accelerator, gan: GanStep, loader) -> tuple[dict[str, float], tuple[torch.Tensor, ...] | None]:
+def validate(
+    accelerator: Accelerator, gan: GanStep, loader
+) -> tuple[dict[str, float], tuple[torch.Tensor, ...] | None]:
     """PSNR/SSIM of restored and of blurred images over the whole split (all ranks), plus this
     rank's first batch (None when its part of the split is empty).
 
@@ -71,8 +75,9 @@ def validate(accelerator: Accelerator, gan: GanStep, loader) -> tuple[dict[str, 
     return summarize(accelerator.reduce(sums, reduction="sum")), first
 
 
-def validate_and_sample(accelerator: Accelerator, gan: GanStep, loader, log: Log, step: int,
-                        samples_dir: Path, sample_images: int) -> None:
+def validate_and_sample(
+    accelerator: Accelerator, gan: GanStep, loader, log: Log, step: int, samples_dir: Path, sample_images: int
+) -> None:
     """Every ``train.eval_every`` steps: log ``val/*`` scores, and write (and log) the sample
     grid of the main process's first validation batch."""
     metrics, first = validate(accelerator, gan, loader)
@@ -87,5 +92,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     """One readable line of :func:`summarize`'s output."""
     if not metrics["images"]:
         return "no images"
-    return (f"{metrics['images']} images: restored PSNR {metrics['psnr_restored']:.2f} dB, SSIM {metrics['ssim_restored']:.3f}; "
-            f"blurred input PSNR {metrics['psnr_blurred']:.2f} dB, SSIM {metrics['ssim_blurred']:.3f}")
+    return (
+        f"{metrics['images']} images: restored PSNR {metrics['psnr_restored']:.2f} dB, SSIM {metrics['ssim_restored']:.3f}; "
+        f"blurred input PSNR {metrics['psnr_blurred']:.2f} dB, SSIM {metrics['ssim_blurred']:.3f}"
+    )
