@@ -36,14 +36,14 @@ import webdataset as wds
 from skimage.restoration import richardson_lucy, wiener
 from tqdm import tqdm
 
-from deblur.shard.blur import kernel_from_params, stored_blur
 from deblur.device import resolve_device
 from deblur.images import decode_rgb
 from deblur.infer import resize_unit, restore
+from deblur.loading.decode import decode_member
 from deblur.metrics import mean_scores, score_sums
 from deblur.models import Generator
+from deblur.shard.blur import kernel_from_params, stored_blur
 from deblur.shard.format import BLURRED, MANIFEST, META, SHARP, SPLITS, ShardError, manifest_split
-from deblur.loading.decode import decode_member
 from deblur.weights import load_generator
 
 CLASSICAL = ("wiener", "richardson_lucy")

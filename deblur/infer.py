@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from deblur.images import ImageError, load_rgb
 from deblur.device import resolve_device
+from deblur.images import ImageError, load_rgb
 from deblur.models import Generator
 from deblur.norm import denormalize, normalize
 from deblur.weights import load_generator

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deblur.training import checkpoint as ckpt
 from deblur.loading.loader import make_loader
+from deblur.training import checkpoint as ckpt
 
 
 class OneProcess:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from deblur.training.config import (
     Config,
@@ -101,7 +102,7 @@ def test_overrides_do_not_mutate_their_input():
 
 def test_config_is_frozen(config_file):
     cfg = load_config(config_file)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.max_steps = 3
 
 

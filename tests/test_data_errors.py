@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from deblur.shard.format import ShardError, index_path, index_rows
 from deblur.loading.loader import make_loader
+from deblur.shard.format import ShardError, index_path, index_rows
 
 BACKENDS = ["dali", "torch"]
 pytestmark = pytest.mark.timeout(120)  # a hang fails instead of blocking CI

@@ -68,9 +68,9 @@ def test_empty_split_and_missing_folder_are_named(tiny_photo_folder, tmp_path, i
 def test_float_resize_matches_the_loaders_resize(tiny_shards):
     # deconvolved images are floats resized by resize_unit; the loader resizes 8-bit pixels with
     # PIL: the two must be the same filter, or the methods would be judged on different footing
-    from deblur.shard.format import manifest_split
     from deblur.evaluate import _as_unit, read_pairs
     from deblur.infer import resize_unit
+    from deblur.shard.format import manifest_split
 
     tars, _ = manifest_split(tiny_shards, "test")
     pair = next(read_pairs(tars, 64))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from deblur.shard import build as shard_module
 from deblur import files
+from deblur.shard import build as shard_module
 from deblur.shard.build import build_shards, main
 from deblur.shard.verify import verify
 

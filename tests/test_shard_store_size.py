@@ -14,9 +14,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from deblur.shard.blur import apply_blur, stored_blur
-from deblur.loading.loader import make_loader
 from deblur.images import decode_rgb
+from deblur.loading.loader import make_loader
+from deblur.shard.blur import apply_blur, stored_blur
 from deblur.shard.build import build_shards, main
 from tests.conftest import SMALL_STORE_SIZE, TINY_IMAGES, TINY_OPTIONS
 from tests.test_data import assert_backends_agree

@@ -25,11 +25,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from deblur.training.checkpoint import state_digest, verify_checkpoint
-from deblur.training.config import load_config
-from deblur.shard.format import manifest_split
 from deblur.models import Generator
 from deblur.shard.build import build_shards
+from deblur.shard.format import manifest_split
+from deblur.training.checkpoint import state_digest, verify_checkpoint
+from deblur.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -343,14 +343,14 @@ def test_resume_on_one_process_then_on_two(reference, tiny_shards, tmp_path):
 
     log = run(tiny_shards, out, processes=1)
     assert (
-        f"resumed from {out / 'checkpoints' / two.name} at step {start_step}; models and optimizers sha256 {saved_state_digest(two)}"
-        in log
+        f"resumed from {out / 'checkpoints' / two.name} at step {start_step}; "
+        f"models and optimizers sha256 {saved_state_digest(two)}" in log
     )
     assert "written by 2 processes, this run has 1" in log
     per_rank = loader["settings"]["samples"] // 2 // 2  # two ranks, batch 2
     assert (
-        f"the ranks were at batch {loader['batch']} of {per_rank} in epoch {loader['epoch']}; every rank now starts epoch {loader['epoch']} at batch 0"
-        in log
+        f"the ranks were at batch {loader['batch']} of {per_rank} in epoch {loader['epoch']}; "
+        f"every rank now starts epoch {loader['epoch']} at batch 0" in log
     )
     assert "RNG states: rank 0 restored from random_states_<rank>.pkl; those of rank 1 not used" in log
     one = out / "checkpoints" / f"step-{STEPS:07d}"

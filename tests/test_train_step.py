@@ -3,18 +3,17 @@ precision and compile choices, the sample grid."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 
+from deblur.models import Discriminator, Generator
 from deblur.training import hardware
 from deblur.training.config import LossConfig, OptimConfig
 from deblur.training.gan import GanStep, StepStats, make_optimizer
-from deblur.models import Discriminator, Generator
-from deblur.training.samples import labelled_grid
 from deblur.training.meter import Meter
+from deblur.training.samples import labelled_grid
 from deblur.training.stop import DeviceToHost
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deblur.models import Discriminator
+from deblur.norm import normalize
 from deblur.training.checkpoint import complete_checkpoints, latest_checkpoint, remove_partial_saves, step_dir_name
 from deblur.training.gan import bce_towards, frozen, ssim_loss
 from deblur.training.validation import summarize
-from deblur.models import Discriminator
-from deblur.norm import normalize
 
 
 def make_checkpoint(root, step):

@@ -25,8 +25,8 @@ from unittest import mock
 import torch
 from accelerate import Accelerator
 
-from deblur.training.checkpoint import save_checkpoint, verify_checkpoint
 from deblur.models import Discriminator, Generator
+from deblur.training.checkpoint import save_checkpoint, verify_checkpoint
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

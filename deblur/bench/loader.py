@@ -7,9 +7,9 @@ Measures (blurred, sharp) pairs per second of one split's pairs for
 
 * ``dali``: ``make_loader(backend="dali")`` (shuffle and flip on, as in training);
 * ``torch``: ``make_loader(backend="torch")`` (index reads + DataLoader, same settings);
-* ``original``: the way of the reference code this project reimplements: the same pairs exported once to two folders of PNG
-  files with identical names, read with PIL + torchvision Resize/ToTensor/Normalize, a shuffling
-  torch DataLoader with as many workers as cores;
+* ``original``: the way of the reference code this project reimplements: the same pairs
+  exported once to two folders of PNG files with identical names, read with PIL + torchvision
+  Resize/ToTensor/Normalize, a shuffling torch DataLoader with as many workers as cores;
 * ``raw_decode``: the machine's JPEG decode rate for the same pairs, decode only, all cores: the
   faster of ``raw_decode_pil`` (both members decoded by PIL from bytes already in memory, one
   process per worker) and ``raw_decode_dali`` (a DALI pipeline of just the webdataset reader and
@@ -51,9 +51,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import psutil
 import torch

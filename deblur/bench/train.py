@@ -109,8 +109,8 @@ def flops_per_image(gan, batch, updates: int, batch_size: int) -> float:
 def trial(args: argparse.Namespace, precision: str, workdir: Path) -> dict:
     """In this process: every variant side by side on synthetic input, then the shipped
     setting fed by the loader."""
-    from deblur.training.hardware import resolve_compile, resolve_precision
     from deblur.training.feed import endless
+    from deblur.training.hardware import resolve_compile, resolve_precision
     from deblur.training.setup import build_accelerator, build_loader, build_models
 
     base = bench_config(args, workdir, PRECISIONS[precision], True, False)
@@ -261,7 +261,8 @@ def report(args: argparse.Namespace, results: list[dict], flops: float | None, s
         print(f"model FLOPs per training image: {flops / 1e9:.2f} GFLOP (one fp32 step, torch FlopCounterMode)")
     print(f"shipped config on this machine: {shipped['precision']} + {shipped['variant']}")
     print(
-        f"{'precision':<10}{'variant':<15}{'input':<11}{'images/s':>10}{'ms/step':>10}{'x fp32 eager':>14}{'TFLOP/s':>9}"
+        f"{'precision':<10}{'variant':<15}{'input':<11}{'images/s':>10}{'ms/step':>10}"
+        f"{'x fp32 eager':>14}{'TFLOP/s':>9}"
     )
     for r in results:
         ratio = f"{r['vs_fp32_eager']:.2f}x" if r["vs_fp32_eager"] else "-"

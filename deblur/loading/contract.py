@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch

@@ -28,8 +28,8 @@ import re
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from deblur.loading.dali_graph import READER_NAME, default_hw_decoder_load, pair_pipeline
 from deblur.loading.contract import PairOptions, Position, RankPart, derived_seed, find_undecodable
+from deblur.loading.dali_graph import READER_NAME, default_hw_decoder_load, pair_pipeline
 from deblur.shard.format import ShardError
 
 

@@ -25,7 +25,7 @@ import contextlib
 import io
 import os
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info

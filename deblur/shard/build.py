@@ -32,9 +32,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from deblur.files import sha256_file, write_atomic
+from deblur.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
 from deblur.shard import demo as demo_data
 from deblur.shard.blur import BlurConfig, apply_blur, draw_params
-from deblur.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
 from deblur.shard.format import BLURRED, MANIFEST, META, SAMPLE_MEMBERS, SHARP, SPLITS, index_path, stored_size
 from deblur.shard.sources import (
     Item,
@@ -46,7 +47,6 @@ from deblur.shard.sources import (
     plan_shards,
     read_partition,
 )
-from deblur.files import sha256_file, write_atomic
 from deblur.shard.tario import build_tar
 
 JPEG_QUALITY = 95  # blurred member, and the sharp member when the source cannot be stored as-is

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from deblur.files import sha256_file
 from deblur.shard.blur import kernel_from_params, stored_blur
 from deblur.shard.format import (
     BLURRED,
@@ -26,7 +27,6 @@ from deblur.shard.format import (
     split_name,
     stored_size,
 )
-from deblur.files import sha256_file
 from deblur.shard.tario import index_of_tar
 
 

@@ -50,7 +50,8 @@ def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # One empty pass is allowed: a loader resumed exactly at the end of an epoch.
         if empty_passes >= 2:
             raise RuntimeError(
-                "the training loader yields no batches: too few training samples for this batch size and number of processes"
+                "the training loader yields no batches: "
+                "too few training samples for this batch size and number of processes"
             )
 
 

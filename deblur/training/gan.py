@@ -46,8 +46,8 @@ from accelerate import Accelerator
 from pytorch_msssim import ssim
 from torch import nn
 
-from deblur.training.config import LossConfig, OptimConfig
 from deblur.norm import denormalize
+from deblur.training.config import LossConfig, OptimConfig
 
 
 def ssim_loss(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     if not metrics["images"]:
         return "no images"
     return (
-        f"{metrics['images']} images: restored PSNR {metrics['psnr_restored']:.2f} dB, SSIM {metrics['ssim_restored']:.3f}; "
+        f"{metrics['images']} images: "
+        f"restored PSNR {metrics['psnr_restored']:.2f} dB, SSIM {metrics['ssim_restored']:.3f}; "
         f"blurred input PSNR {metrics['psnr_blurred']:.2f} dB, SSIM {metrics['ssim_blurred']:.3f}"
     )
