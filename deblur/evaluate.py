@@ -6,11 +6,11 @@ Every method is scored on the same pairs, at the training resolution (64x64), ag
 member resized the same way:
 
 - ``restored``: the generator on the blurred member, decoded and resized to 64x64 by the
-  training loader's own function (``deblur.torch_loader.decode_member``) and normalized, exactly
+  training loader's own function (``deblur.loading.decode.decode_member``) and normalized, exactly
   what training feeds it;
 - ``blurred``: the blurred input itself (the bar to beat);
 - ``wiener`` and ``richardson_lucy``: scikit-image's deconvolutions given the TRUE kernel, rebuilt
-  from the sample's json by ``deblur.blur.kernel_from_params`` (for shards stored downscaled,
+  from the sample's json by ``deblur.shard.blur.kernel_from_params`` (for shards stored downscaled,
   after ``stored_blur`` rescales the params to the stored size). That kernel is defined at the
   stored image's resolution, so they deconvolve the stored blurred image and their results are
   then resized to 64x64 like everything else (resizing first would change the blur into one the
@@ -36,14 +36,14 @@ import webdataset as wds
 from skimage.restoration import richardson_lucy, wiener
 from tqdm import tqdm
 
-from deblur.blur import kernel_from_params, stored_blur
-from deblur.data import ShardError, manifest_split, resolve_device
+from deblur.device import resolve_device
 from deblur.images import decode_rgb
 from deblur.infer import resize_unit, restore
-from deblur.metrics import psnr, ssim
+from deblur.loading.decode import decode_member
+from deblur.metrics import mean_scores, score_sums
 from deblur.models import Generator
-from deblur.sources import SPLITS
-from deblur.torch_loader import decode_member
+from deblur.shard.blur import kernel_from_params, stored_blur
+from deblur.shard.format import BLURRED, MANIFEST, META, SHARP, SPLITS, ShardError, manifest_split
 from deblur.weights import load_generator
 
 CLASSICAL = ("wiener", "richardson_lucy")
@@ -75,17 +75,17 @@ def read_pairs(tars: list[Path], image_size: int) -> Iterator[Pair]:
         key = sample["__key__"]
         where = f"{sample.get('__url__', '?')}: sample {key!r}"
         try:
-            blur = stored_blur(json.loads(sample["json"]))
-            sharp_bytes, blurred_bytes = sample["sharp.jpg"], sample["blur.jpg"]
+            blur = stored_blur(json.loads(sample[META]))
+            sharp_bytes, blurred_bytes = sample[SHARP], sample[BLURRED]
         except KeyError as e:
             raise ValueError(f"{where}: missing member or key {e}") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: unreadable json ({e})") from e
         yield Pair(
             key=key,
-            sharp=_as_unit(decode_member(sharp_bytes, image_size, f"{where} sharp.jpg")),
-            blurred=_as_unit(decode_member(blurred_bytes, image_size, f"{where} blur.jpg")),
-            blurred_stored=np.asarray(decode_rgb(blurred_bytes, f"{where} blur.jpg").image, dtype=np.float64) / 255.0,
+            sharp=_as_unit(decode_member(sharp_bytes, image_size, f"{where} {SHARP}")),
+            blurred=_as_unit(decode_member(blurred_bytes, image_size, f"{where} {BLURRED}")),
+            blurred_stored=np.asarray(decode_rgb(blurred_bytes, f"{where} {BLURRED}").image, dtype=np.float64) / 255.0,
             blur=blur,
         )
 
@@ -153,10 +153,11 @@ def evaluate(
     rl_iterations: int = RL_ITERATIONS,
     progress: bool = True,
 ) -> dict:
-    """Mean PSNR/SSIM per method over the shards' samples (the first ``limit`` if given)."""
+    """Mean PSNR/SSIM per method over the shards' samples (the first ``limit`` if given),
+    averaged by :mod:`deblur.metrics` as training's validation averages them."""
     device = next(generator.parameters()).device
     size = generator.image_size
-    scores: dict[str, dict[str, list[torch.Tensor]]] = {m: {"psnr": [], "ssim": []} for m in METHODS}
+    sums = {m: torch.zeros(2, dtype=torch.float64) for m in METHODS}
     batch: dict[str, list[torch.Tensor]] = {"sharp": [], **{m: [] for m in METHODS if m != "restored"}}
 
     def score_batch() -> None:
@@ -164,8 +165,7 @@ def evaluate(
         images = {m: torch.cat(batch[m]) for m in METHODS if m != "restored"}
         images["restored"] = restore(generator, images["blurred"].to(device)).cpu()
         for method, image in images.items():
-            scores[method]["psnr"].append(psnr(image, sharp))
-            scores[method]["ssim"].append(ssim(image, sharp))
+            sums[method] += score_sums(image, sharp).double()
         for members in batch.values():
             members.clear()
 
@@ -189,10 +189,7 @@ def evaluate(
     bar.close()
     if n == 0:
         raise ValueError(f"no samples in {', '.join(map(str, tars))}")
-    result: dict = {
-        method: {metric: torch.cat(values).mean().item() for metric, values in per.items()}
-        for method, per in scores.items()
-    }
+    result: dict = {method: mean_scores(sums[method], n) for method in METHODS}
     result["n"] = n
     return result
 
@@ -223,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tars, samples = manifest_split(args.shards, args.split)
         if not tars:
-            raise ValueError(f"{args.shards / 'manifest.json'}: split {args.split!r} has no shards")
+            raise ValueError(f"{args.shards / MANIFEST}: split {args.split!r} has no shards")
         generator = load_generator(args.weights, resolve_device(args.device))
         result = evaluate(
             generator,

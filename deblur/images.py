@@ -53,8 +53,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def decode_rgb(data: bytes, name: str, *, min_size: int = 1,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode_rgb(data: bytes, name: str, *, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data`` fully; refuse bombs, non-images, truncation and sides under ``min_size``."""
     if not data:
         raise ImageError(f"{name}: empty file")
@@ -67,8 +66,7 @@ def decode_rgb(data: bytes, name: str, *, min_size: int = 1,
                 raise ImageError(f"{name}: unsupported format: {im.format}")
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageError(f"{name}: decompression bomb: {w}x{h} exceeds the "
-                                 f"{max_pixels}-pixel limit")
+                raise ImageError(f"{name}: decompression bomb: {w}x{h} exceeds the {max_pixels}-pixel limit")
             im.load()  # full decode now: truncated or corrupt data fails here, not later
     except ImageError:
         raise
@@ -80,15 +78,19 @@ def decode_rgb(data: bytes, name: str, *, min_size: int = 1,
         raise ImageError(f"{name}: too small: {w}x{h}, shorter side under {min_size} px")
     fmt = im.format or ""
     orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    reusable = (fmt == "JPEG" and im.mode == "RGB" and orientation == 1
-                and not im.info.get("progressive") and not im.info.get("progression"))
+    reusable = (
+        fmt == "JPEG"
+        and im.mode == "RGB"
+        and orientation == 1
+        and not im.info.get("progressive")
+        and not im.info.get("progression")
+    )
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
     return Decoded(image=_to_rgb(im), format=fmt, reusable_jpeg=reusable)
 
 
-def load_rgb(path: str | Path, *, min_size: int = 1,
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | Path, *, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an image file (JPEG/PNG/WebP, by content) as an 8-bit RGB PIL image."""
     path = Path(path)
     try:

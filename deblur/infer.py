@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from deblur.device import resolve_device
 from deblur.images import ImageError, load_rgb
-from deblur.data import resolve_device
 from deblur.models import Generator
 from deblur.norm import denormalize, normalize
 from deblur.weights import load_generator
@@ -122,9 +122,7 @@ def output_paths(inputs: list[Path], out_dir: Path, fmt: str) -> list[Path]:
     for src, dst in zip(inputs, outputs):
         key = dst.resolve()
         if key in resolved_inputs:
-            raise ValueError(
-                f"output {dst} would overwrite input {resolved_inputs[key]}; choose another --out"
-            )
+            raise ValueError(f"output {dst} would overwrite input {resolved_inputs[key]}; choose another --out")
         if key in seen:
             raise ValueError(f"inputs {seen[key]} and {src} would both be written to {dst}")
         seen[key] = src
@@ -168,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         write_rgb(restored, dst)
     elapsed = time.perf_counter() - start
     done = len(outputs) - len(failed)
-    print(f"restored {done} of {len(outputs)} images into {args.out} in {elapsed:.1f} s ({done / elapsed:.1f} images/s)")
+    print(
+        f"restored {done} of {len(outputs)} images into {args.out} in {elapsed:.1f} s ({done / elapsed:.1f} images/s)"
+    )
     if failed:
         print(f"{len(failed)} failed: {', '.join(map(str, failed))}", file=sys.stderr)
         return 1

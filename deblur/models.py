@@ -1,4 +1,4 @@
-"""Generator and discriminator from the seed's layer tables (see DESIGN.md).
+"""Generator and discriminator from the paper's layer tables (docs/design.md).
 
 No padding anywhere: the spatial sizes below are those of a 64x64 input, and the skip
 connections only line up for that size (the generator refuses anything else).
@@ -21,7 +21,7 @@ def _deconv(cin: int, cout: int, k: int, s: int) -> nn.Sequential:
 class Generator(nn.Module):
     """Fully convolutional encoder-decoder with skip connections (E1..E4).
 
-    Our choices where the seed is silent: ReLU after every layer but the last; the last layer is
+    Our choices where the paper is silent: ReLU after every layer but the last; the last layer is
     linear because images live in ImageNet-normalized space, not [0, 1]. With ``residual=True``
     the network predicts a correction added to its input and the last layer starts at zero, so
     an untrained generator is the identity; this makes short runs improve on the blurred input
@@ -50,9 +50,7 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"Generator expects {self.image_size}x{self.image_size} inputs, got {tuple(x.shape[-2:])}"
-            )
+            raise ValueError(f"Generator expects {self.image_size}x{self.image_size} inputs, got {tuple(x.shape[-2:])}")
         e1 = self.enc1(x)
         e2 = self.enc2(e1)
         e3 = self.enc3(e2)
@@ -73,7 +71,7 @@ def _d_block(cin: int, cout: int, s: int) -> nn.Sequential:
 class Discriminator(nn.Module):
     """Binary classifier real vs restored. Returns a logit per image, shape (N,).
 
-    The seed ends with a Sigmoid; we keep the logit and train with BCE-with-logits, which is
+    The paper ends with a Sigmoid; we keep the logit and train with BCE-with-logits, which is
     numerically safer and allowed under CUDA autocast (plain BCELoss is refused there).
     """
 

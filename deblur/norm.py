@@ -1,6 +1,6 @@
 """Pixel normalization shared by the loaders, the trainer and inference.
 
-The seed project normalized with ImageNet's mean and std; every tensor that flows between the
+The paper's reference code normalizes with ImageNet's mean and std; every tensor that flows between the
 loader and the models is in that space. Losses and metrics work on images mapped back to [0, 1].
 """
 

@@ -56,8 +56,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     image_size = metadata.get("image_size")
     if image_size != str(Generator.image_size):
         raise ValueError(
-            f"{path}: metadata key 'image_size' is {image_size!r}; this Generator works at "
-            f"{Generator.image_size}"
+            f"{path}: metadata key 'image_size' is {image_size!r}; this Generator works at {Generator.image_size}"
         )
 
     generator = Generator(residual=residual == "true")

@@ -19,9 +19,9 @@ import argparse
 import os
 import sys
 
-from deblur.checkpoint import CheckpointError
-from deblur.config import ConfigError, load_config
-from deblur.train import train
+from deblur.training.checkpoint import CheckpointError
+from deblur.training.config import ConfigError, load_config
+from deblur.training.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:

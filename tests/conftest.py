@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deblur import demo
-from deblur.shard import build_shards
+from deblur.shard import demo
+from deblur.shard.build import build_shards
 
 TINY_IMAGES = 48
 TINY_SHARD_SIZE = 8
 SMALL_STORE_SIZE = 64
-TINY_OPTIONS = dict(seed=0, val_fraction=0.2, test_fraction=0.2, shard_size=TINY_SHARD_SIZE,
-                    workers=1, progress=False)
+TINY_OPTIONS = dict(seed=0, val_fraction=0.2, test_fraction=0.2, shard_size=TINY_SHARD_SIZE, workers=1, progress=False)
 
 
 def photo_crops(n: int) -> list[Image.Image]:

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from deblur.blur import (BlurConfig, apply_blur, apply_kernel, draw_params, kernel_from_params,
-                         motion_kernel)
+from deblur.shard.blur import BlurConfig, apply_blur, apply_kernel, draw_params, kernel_from_params, motion_kernel
 from tests.conftest import photo_crops
 
 CELEBA = (178, 218)
@@ -35,15 +34,19 @@ def test_mix_and_ranges_are_configurable():
     only_motion = BlurConfig(motion_fraction=1.0, motion_length_range=(3.0, 3.0))
     p = draw_params(0, "x", (64, 64), only_motion)
     assert p == {"type": "motion", "length": 3.0, "angle": p["angle"]}
-    assert draw_params(0, "x", (128, 64), BlurConfig(motion_fraction=0.0,
-                                                     sigma_range=(2.0, 2.0)))["sigma"] == 2.0
+    assert draw_params(0, "x", (128, 64), BlurConfig(motion_fraction=0.0, sigma_range=(2.0, 2.0)))["sigma"] == 2.0
     with pytest.raises(ValueError, match="sigma_range"):
         BlurConfig(sigma_range=(3.0, 1.0))
 
 
-@pytest.mark.parametrize("blur", [{"type": "gaussian", "sigma": 5.123},
-                                  {"type": "motion", "length": 27.4, "angle": 33.3},
-                                  {"type": "motion", "length": 1.5, "angle": 90.0}])
+@pytest.mark.parametrize(
+    "blur",
+    [
+        {"type": "gaussian", "sigma": 5.123},
+        {"type": "motion", "length": 27.4, "angle": 33.3},
+        {"type": "motion", "length": 1.5, "angle": 90.0},
+    ],
+)
 def test_kernels_are_normalized_centred_and_rebuilt_exactly_from_json(blur):
     k = kernel_from_params(blur)
     assert k.dtype == np.float64 and k.ndim == 2
@@ -72,13 +75,12 @@ def test_convolution_reflects_at_borders_like_scipy():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
     k = kernel_from_params({"type": "motion", "length": 9.0, "angle": 60.0})
-    ref = np.stack([ndimage.convolve(image[..., c].astype(float), k, mode="reflect")
-                    for c in range(3)], axis=-1)
+    ref = np.stack([ndimage.convolve(image[..., c].astype(float), k, mode="reflect") for c in range(3)], axis=-1)
     assert np.abs(apply_kernel(image, k).astype(float) - ref).max() <= 1.0
 
 
 def test_blur_strength_lands_near_20_to_27_db_at_64px():
-    """DESIGN.md's target: measured on real photo crops after resizing to 64x64."""
+    """docs/design.md's target: measured on real photo crops after resizing to 64x64."""
     cfg = BlurConfig()
     scores = {"gaussian": [], "motion": []}
     for i, im in enumerate(photo_crops(48)):
@@ -89,7 +91,7 @@ def test_blur_strength_lands_near_20_to_27_db_at_64px():
         scores[params["type"]].append(10 * np.log10(255**2 / ((a - b) ** 2).mean()))
     for kind, values in scores.items():
         assert len(values) >= 10, kind
-        # Median in the target band; flat crops (moon, sky) score higher, as DESIGN.md notes.
+        # Median in the target band; flat crops (moon, sky) score higher, as docs/design.md notes.
         assert 20.0 <= np.median(values) <= 27.0, (kind, np.round(values, 1))
         assert np.percentile(values, 10) >= 17.0, (kind, np.round(values, 1))
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deblur import checkpoint as ckpt
-from deblur.data import make_loader
+from deblur.loading.loader import make_loader
+from deblur.training import checkpoint as ckpt
 
 
 class OneProcess:
@@ -34,8 +34,15 @@ class OneProcess:
 
 def save(checkpoints: Path, step: int, keep: int = 5) -> Path:
     loader_state = {"settings": {}, "epoch": 0, "batch": step}
-    return ckpt.save_checkpoint(OneProcess(), checkpoints, step, loader_state,
-                                {"skipped_total": 0, "consecutive_skips": 0}, "seed: 0\n", keep=keep)
+    return ckpt.save_checkpoint(
+        OneProcess(),
+        checkpoints,
+        step,
+        loader_state,
+        {"skipped_total": 0, "consecutive_skips": 0},
+        "seed: 0\n",
+        keep=keep,
+    )
 
 
 def truncate(path: Path) -> None:
@@ -170,8 +177,9 @@ def test_state_digest_matches_the_same_state_read_back_from_files(tmp_path):
     save_file(model.state_dict(), tmp_path / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp_path / "optimizer.bin")
     in_memory = ckpt.state_digest([model.state_dict()], [optimizer.state_dict()])
-    from_files = ckpt.state_digest([load_file(tmp_path / "model.safetensors")],
-                                   [torch.load(tmp_path / "optimizer.bin")])
+    from_files = ckpt.state_digest(
+        [load_file(tmp_path / "model.safetensors")], [torch.load(tmp_path / "optimizer.bin")]
+    )
     assert in_memory == from_files
     with torch.no_grad():
         model[0].bias[0] += 1e-6
@@ -180,8 +188,17 @@ def test_state_digest_matches_the_same_state_read_back_from_files(tmp_path):
 
 def test_a_loader_position_moves_to_the_start_of_its_epoch_under_a_new_layout(tiny_shards):
     def loader(rank: int, world_size: int, batch_size: int = 2):
-        return make_loader(tiny_shards, "train", batch_size=batch_size, rank=rank, world_size=world_size,
-                           backend="torch", device="cpu", num_workers=1, flip=False)
+        return make_loader(
+            tiny_shards,
+            "train",
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            backend="torch",
+            device="cpu",
+            num_workers=1,
+            flip=False,
+        )
 
     old = loader(0, 2)
     saved = {**old.state_dict(), "epoch": 3, "batch": 2}
@@ -201,8 +218,13 @@ def test_a_loader_position_moves_to_the_start_of_its_epoch_under_a_new_layout(ti
 def test_bench_times_durable_and_unsynced_saves(tmp_path):
     # A subprocess: the bench creates an Accelerator, whose state is per process.
     cmd = [sys.executable, "-m", "deblur.bench", "checkpoint", "--repeat", "1", "--dir", str(tmp_path)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc = subprocess.run(
+        cmd,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "checkpoint" and 80 < result["size_mib"] < 100
     assert result["median_ms"]["durable"] > 0 and result["median_ms"]["no fsync"] > 0 and result["verify_ms"] > 0

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deblur.data import find_shards, make_loader
+from deblur.loading.contract import find_shards
+from deblur.loading.loader import make_loader
 from deblur.norm import denormalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +94,9 @@ def test_ranks_read_disjoint_contiguous_parts(tiny_shards, references, backend, 
     total = len(references[backend])
     seen = []
     for rank in range(world):
-        loader = load(tiny_shards, backend, batch_size=batch, rank=rank, world_size=world,
-                      shuffle=shuffle, flip=False, seed=5)
+        loader = load(
+            tiny_shards, backend, batch_size=batch, rank=rank, world_size=world, shuffle=shuffle, flip=False, seed=5
+        )
         assert len(loader) == (total // world) // batch
         epochs = [sample_ids(loader, references[backend]) for _ in range(2)]
         part = set(range(total * rank // world, total * (rank + 1) // world))
@@ -113,8 +115,10 @@ def test_ranks_read_disjoint_contiguous_parts(tiny_shards, references, backend, 
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_backends_yield_same_pairs_in_same_order(tiny_shards, rank):
-    runs = [list(load(tiny_shards, backend, batch_size=4, rank=rank, world_size=2,
-                      shuffle=False, flip=False)) for backend in BACKENDS]
+    runs = [
+        list(load(tiny_shards, backend, batch_size=4, rank=rank, world_size=2, shuffle=False, flip=False))
+        for backend in BACKENDS
+    ]
     assert len(runs[0]) == len(runs[1]) > 0
     assert_backends_agree(*runs)
 
@@ -137,8 +141,12 @@ def test_flip_is_shared_by_both_members(tiny_shards, references, backend):
     flipped_pairs = same_pairs = 0
     for blurred, sharp in load(tiny_shards, backend, batch_size=4, shuffle=False, flip=True, seed=1):
         for b, s in zip(blurred, sharp):
-            matches = [(i, f) for i in range(len(reference)) for f in (False, True)
-                       if torch.equal(reference[i, 1].flip(-1) if f else reference[i, 1], s)]
+            matches = [
+                (i, f)
+                for i in range(len(reference))
+                for f in (False, True)
+                if torch.equal(reference[i, 1].flip(-1) if f else reference[i, 1], s)
+            ]
             assert len(matches) == 1
             index, flipped = matches[0]
             expected = reference[index, 0].flip(-1) if flipped else reference[index, 0]
@@ -195,7 +203,7 @@ def test_bad_arguments_are_refused(tiny_shards):
 
 
 def test_dali_decoder_settings_reach_the_loader(tiny_shards):
-    from deblur.dali_pipeline import default_hw_decoder_load
+    from deblur.loading.dali_graph import default_hw_decoder_load
 
     loader = make_loader(tiny_shards, "train", batch_size=2, num_workers=2)
     assert (loader.decode_threads, loader.hw_decoder_load) == (3, 1.0)  # workers + 1; few threads
@@ -211,15 +219,24 @@ def test_dali_decoder_settings_reach_the_loader(tiny_shards):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shuffle", [False, True])
 # world 5, batch 4 over 22 samples: parts 4, 4, 5, 4, 5; ranks 0, 1, 3 are the case where DALI's
-# PARTIAL iterator ends the epoch with an empty batch (see deblur/dali_loader.py).
+# PARTIAL iterator ends the epoch with an empty batch (see deblur/loading/dali_backend.py).
 @pytest.mark.parametrize("world, batch", [(1, 4), (2, 4), (5, 4)])
 def test_partial_yields_every_sample_once(tiny_shards, references, backend, shuffle, world, batch):
     reference = references[backend]
     total = len(reference)
     seen = []
     for rank in range(world):
-        loader = load(tiny_shards, backend, batch_size=batch, rank=rank, world_size=world,
-                      shuffle=shuffle, flip=False, seed=3, drop_last=False)
+        loader = load(
+            tiny_shards,
+            backend,
+            batch_size=batch,
+            rank=rank,
+            world_size=world,
+            shuffle=shuffle,
+            flip=False,
+            seed=3,
+            drop_last=False,
+        )
         part = list(range(total * rank // world, total * (rank + 1) // world))
         sizes = [min(batch, len(part) - start) for start in range(0, len(part), batch)]
         epochs = []
@@ -238,8 +255,14 @@ def test_partial_yields_every_sample_once(tiny_shards, references, backend, shuf
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_backends_agree_with_partial_batches(tiny_shards, rank):
-    runs = [list(load(tiny_shards, backend, batch_size=4, rank=rank, world_size=2, shuffle=False,
-                      flip=False, drop_last=False)) for backend in BACKENDS]
+    runs = [
+        list(
+            load(
+                tiny_shards, backend, batch_size=4, rank=rank, world_size=2, shuffle=False, flip=False, drop_last=False
+            )
+        )
+        for backend in BACKENDS
+    ]
     assert [len(sharp) for _, sharp in runs[0]] == [4, 4, 3]  # 22 samples: parts of 11
     assert_backends_agree(*runs)
 
@@ -249,12 +272,28 @@ def test_partial_with_fewer_samples_than_ranks(tiny_shards, backend):
     """Empty parts yield no batch (and build no DALI reader); the others one sample each."""
     total = sum(s.samples for s in find_shards(tiny_shards, "val"))
     world = total + 2
-    reference = torch.cat([sharp for _, sharp in make_loader(
-        tiny_shards, "val", batch_size=1, shuffle=False, flip=False, backend=backend, num_workers=1)])
+    reference = torch.cat(
+        [
+            sharp
+            for _, sharp in make_loader(
+                tiny_shards, "val", batch_size=1, shuffle=False, flip=False, backend=backend, num_workers=1
+            )
+        ]
+    )
     seen = []
     for rank in range(world):
-        loader = make_loader(tiny_shards, "val", batch_size=2, rank=rank, world_size=world,
-                             shuffle=False, flip=False, backend=backend, num_workers=1, drop_last=False)
+        loader = make_loader(
+            tiny_shards,
+            "val",
+            batch_size=2,
+            rank=rank,
+            world_size=world,
+            shuffle=False,
+            flip=False,
+            backend=backend,
+            num_workers=1,
+            drop_last=False,
+        )
         part = list(range(total * rank // world, total * (rank + 1) // world))
         assert len(loader) == len(part)
         for _ in range(2):
@@ -269,8 +308,7 @@ def test_partial_with_fewer_samples_than_ranks(tiny_shards, backend):
 # of an epoch whose DALI reader still holds the empty all-padding batch.
 @pytest.mark.parametrize("world, rank, consumed", [(2, 1, 2), (2, 1, 4), (5, 0, 1), (5, 0, 2)])
 def test_partial_resume_continues_with_the_next_batch(tiny_shards, backend, world, rank, consumed):
-    options = dict(batch_size=4, rank=rank, world_size=world, shuffle=True, flip=True, seed=7,
-                   drop_last=False)
+    options = dict(batch_size=4, rank=rank, world_size=world, shuffle=True, flip=True, seed=7, drop_last=False)
     uninterrupted = load(tiny_shards, backend, **options)
     expected = [pair for _ in range(3) for pair in uninterrupted]
     first = load(tiny_shards, backend, **options)
@@ -297,10 +335,11 @@ def test_a_process_that_leaves_a_loader_mid_epoch_exits(tiny_shards, backend):
     # The torch backend's workers must still stop when the process exits with an epoch
     # half-read (multiprocessing's exit handler terminates and then joins them).
     script = (
-        "import sys; from deblur.data import make_loader\n"
+        "import sys; from deblur.loading.loader import make_loader\n"
         f"loader = make_loader(sys.argv[1], 'train', batch_size=2, backend={backend!r}, num_workers=2)\n"
         "batches = iter(loader); next(batches); print('one batch read')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(tiny_shards)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_shards)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "one batch read" in done.stdout, done.stderr[-2000:]

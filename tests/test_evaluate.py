@@ -53,11 +53,12 @@ def test_limit_and_a_generator_that_changes_the_image(tiny_shards, tmp_path, cap
 
 
 def test_empty_split_and_missing_folder_are_named(tiny_photo_folder, tmp_path, identity_weights, capsys):
-    from deblur.shard import build_shards
+    from deblur.shard.build import build_shards
 
     out = tmp_path / "no_val"
-    build_shards(tiny_photo_folder, out, val_fraction=0.0, test_fraction=0.2, shard_size=64, workers=1,
-                 limit=6, progress=False)
+    build_shards(
+        tiny_photo_folder, out, val_fraction=0.0, test_fraction=0.2, shard_size=64, workers=1, limit=6, progress=False
+    )
     assert main(["--weights", str(identity_weights), "--shards", str(out), "--split", "val"]) == 2
     assert "split 'val' has no shards" in capsys.readouterr().err
     assert main(["--weights", str(identity_weights), "--shards", str(tmp_path / "nowhere")]) == 2
@@ -67,9 +68,9 @@ def test_empty_split_and_missing_folder_are_named(tiny_photo_folder, tmp_path, i
 def test_float_resize_matches_the_loaders_resize(tiny_shards):
     # deconvolved images are floats resized by resize_unit; the loader resizes 8-bit pixels with
     # PIL: the two must be the same filter, or the methods would be judged on different footing
-    from deblur.data import manifest_split
     from deblur.evaluate import _as_unit, read_pairs
     from deblur.infer import resize_unit
+    from deblur.shard.format import manifest_split
 
     tars, _ = manifest_split(tiny_shards, "test")
     pair = next(read_pairs(tars, 64))
@@ -79,7 +80,7 @@ def test_float_resize_matches_the_loaders_resize(tiny_shards):
 
 
 def test_runs_on_shards_stored_downscaled(small_shards, identity_weights, capsys):
-    """The classical baselines rebuild the kernel at the stored size (deblur.blur.stored_blur).
+    """The classical baselines rebuild the kernel at the stored size (deblur.shard.blur.stored_blur).
 
     Measured on 40 pairs stored at 64 px: Richardson-Lucy +2.1 dB over the blurred input, Wiener
     -0.3 dB (its balance was tuned at source size; 0.3 gives +1.3 dB here); with the kernel left

@@ -80,7 +80,20 @@ def test_cli_writes_one_png_per_input_and_reports_bad_files(tmp_path, weights, m
     missing = src / "missing.png"
     out = tmp_path / "out"
 
-    code = main(["--weights", str(weights), "--out", str(out), "--mode", mode, str(good[0]), str(bad), str(missing), str(good[1])])
+    code = main(
+        [
+            "--weights",
+            str(weights),
+            "--out",
+            str(out),
+            "--mode",
+            mode,
+            str(good[0]),
+            str(bad),
+            str(missing),
+            str(good[1]),
+        ]
+    )
 
     assert code == 1
     err = capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 
@@ -13,13 +12,38 @@ from deblur.bench import loader as bench
 
 @pytest.mark.timeout(300)
 def test_bench_reports_medians_of_alternating_rounds(tiny_shards, small_shards, tmp_path, capsys):
-    bench.main(["--shards", str(tiny_shards), "--small-shards", str(small_shards), "--batch-size", "4",
-                "--seconds", "0.3", "--repeat", "3", "--warmup", "0.2", "--workers", "2",
-                "--workdir", str(tmp_path)])
+    bench.main(
+        [
+            "--shards",
+            str(tiny_shards),
+            "--small-shards",
+            str(small_shards),
+            "--batch-size",
+            "4",
+            "--seconds",
+            "0.3",
+            "--repeat",
+            "3",
+            "--warmup",
+            "0.2",
+            "--workers",
+            "2",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
-    methods = ("dali", "torch", "original", "raw_decode_pil", "raw_decode_dali",
-               "dali_small", "torch_small", "raw_decode_dali_small")
+    methods = (
+        "dali",
+        "torch",
+        "original",
+        "raw_decode_pil",
+        "raw_decode_dali",
+        "dali_small",
+        "torch_small",
+        "raw_decode_dali_small",
+    )
     assert set(result["rounds"]) == set(methods)
     for method in methods:
         rounds = result["rounds"][method]
@@ -37,7 +61,8 @@ def test_bench_reports_medians_of_alternating_rounds(tiny_shards, small_shards, 
     assert result["ceiling_small"] == result["raw_decode_dali_small"]
     assert result["dali_small_x_dali"] == pytest.approx(result["dali_small"] / result["dali"], rel=0.02)
     assert result["dali_small_fraction_of_ceiling"] == pytest.approx(
-        result["dali_small"] / result["raw_decode_dali_small"], rel=0.02)
+        result["dali_small"] / result["raw_decode_dali_small"], rel=0.02
+    )
     assert result["torch_cpu_x_raw_decode"] == pytest.approx(cpu["torch"] / cpu["raw_decode"], rel=0.02)
     # fewer pixels per pair: the small set's decode is cheaper than the full-size one's
     assert cpu["raw_decode_dali_small"] < cpu["raw_decode_dali"]
@@ -65,7 +90,10 @@ def test_rounds_alternate_methods_after_one_warm_up_each():
     methods = {name: (lambda seconds, name=name: calls.append((name, seconds)) or (10, seconds)) for name in ("a", "b")}
     rounds = bench.run_rounds(methods, repeat=2, seconds=3.0, warmup=1.0)
     assert calls == [("a", 1.0), ("b", 1.0), ("a", 3.0), ("b", 3.0), ("a", 3.0), ("b", 3.0)]
-    assert {name: [r.rate for r in readings] for name, readings in rounds.items()} == {"a": [10 / 3] * 2, "b": [10 / 3] * 2}
+    assert {name: [r.rate for r in readings] for name, readings in rounds.items()} == {
+        "a": [10 / 3] * 2,
+        "b": [10 / 3] * 2,
+    }
 
 
 def test_cpu_time_counts_worker_processes():

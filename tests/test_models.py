@@ -1,4 +1,4 @@
-"""The networks match the seed's tables (DESIGN.md): every layer's output size for a 64x64
+"""The networks match the paper's tables (docs/design.md): every layer's output size for a 64x64
 input, and parameter counts computed from the tables' shapes, independently of the code."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from deblur.models import Discriminator, Generator
 
-# (name, in channels, out channels, kernel, output size) straight from the DESIGN table.
+# (name, in channels, out channels, kernel, output size) straight from the table in docs/design.md.
 GENERATOR_TABLE = [
     ("enc1", 3, 64, 3, 62),
     ("enc2", 64, 128, 3, 30),
@@ -33,7 +33,9 @@ def conv_params(cin: int, cout: int, k: int) -> int:
 def output_sizes(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple[int, ...]]:
     sizes = {}
     hooks = [
-        getattr(model, name).register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape)))
+        getattr(model, name).register_forward_hook(
+            lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape))
+        )
         for name in names
     ]
     with torch.no_grad():
@@ -111,7 +113,9 @@ def test_channels_last_models_compute_the_same_outputs(make):
 
 def test_compiled_generator_agrees_with_eager_and_keeps_its_keys():
     generator = trained_like(Generator()).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last
+    )
     with torch.no_grad():
         expected = generator(x)
         keys = list(generator.state_dict())

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deblur.blur import apply_blur
-from deblur.shard import build_shards
-from deblur.sources import SPLITS
+from deblur.shard.blur import apply_blur
+from deblur.shard.build import build_shards
+from deblur.shard.format import SPLITS
 from tests.conftest import TINY_IMAGES, TINY_SHARD_SIZE
 
 
@@ -69,10 +69,12 @@ def test_read_back_with_dali_cpu(tiny_shards: Path):
     @pipeline_def(batch_size=4, num_threads=1, device_id=None)
     def pipe():
         sharp, blurred, meta = fn.readers.webdataset(
-            paths=train, index_paths=[p[:-4] + ".idx" for p in train],
-            ext=["sharp.jpg", "blur.jpg", "json"], name="reader")
-        return (fn.decoders.image(sharp, device="cpu"), fn.decoders.image(blurred, device="cpu"),
-                meta)
+            paths=train,
+            index_paths=[p[:-4] + ".idx" for p in train],
+            ext=["sharp.jpg", "blur.jpg", "json"],
+            name="reader",
+        )
+        return (fn.decoders.image(sharp, device="cpu"), fn.decoders.image(blurred, device="cpu"), meta)
 
     p = pipe()
     p.build()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from deblur.images import ImageError, decode_rgb, load_rgb
-from deblur.shard import build_shards, main
+from deblur.shard.build import build_shards, main
 from tests.conftest import photo_crops
 
 
@@ -30,11 +30,14 @@ def png16_rgb(arr: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + tag + data
-                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def rotated_exif() -> Image.Exif:
@@ -66,8 +69,7 @@ def messy_folder(tmp_path_factory) -> Path:
         "palette.png": encode(palette, "PNG"),
         "rgba.png": encode(rgba, "PNG"),
         "gray16.png": encode(gray16, "PNG"),
-        "rgb16.png": png16_rgb(np.dstack([np.full((80, 96), v, np.uint16)
-                                          for v in (65535, 32896, 2570)])),
+        "rgb16.png": png16_rgb(np.dstack([np.full((80, 96), v, np.uint16) for v in (65535, 32896, 2570)])),
         "cmyk.jpg": encode(flat("CMYK", (0, 255, 255, 0)), "JPEG", quality=95),
         "gray.jpg": encode(photos[0].convert("L"), "JPEG"),
         "progressive.jpg": encode(photos[1], "JPEG", progressive=True),
@@ -105,8 +107,9 @@ SKIPPED = {
 def messy_build(messy_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("messy_out")
     # 150 000 px: the 400x400 "bomb" is over it, the photo crops (178x218) are under.
-    manifest = build_shards(messy_folder, out, val_fraction=0, test_fraction=0, shard_size=5,
-                            workers=2, progress=False, max_pixels=150_000)
+    manifest = build_shards(
+        messy_folder, out, val_fraction=0, test_fraction=0, shard_size=5, workers=2, progress=False, max_pixels=150_000
+    )
     samples = {}
     for shard in manifest["splits"]["train"]["shards"]:
         with tarfile.open(out / shard["name"]) as tar:
@@ -127,9 +130,21 @@ def test_broken_files_are_skipped_with_reasons(messy_build):
 
 def test_awkward_images_become_8bit_rgb(messy_build):
     _, samples = messy_build
-    assert set(samples) == {"plain", "UPPER", "png_named", "photo", "sub_dir_deep", "palette",
-                            "rgba", "gray16", "rgb16", "cmyk", "gray", "progressive",
-                            "rotated"}
+    assert set(samples) == {
+        "plain",
+        "UPPER",
+        "png_named",
+        "photo",
+        "sub_dir_deep",
+        "palette",
+        "rgba",
+        "gray16",
+        "rgb16",
+        "cmyk",
+        "gray",
+        "progressive",
+        "rotated",
+    }
 
     def sharp(key):
         im = Image.open(io.BytesIO(samples[key]["sharp.jpg"]))
@@ -182,8 +197,7 @@ def test_key_collisions_stay_unique(tmp_path):
     im = photo_crops(1)[0]
     for rel in ("a/b.jpg", "a_b.jpg", "a/b.png", "c.d.jpg"):
         (src / rel).write_bytes(encode(im, "PNG" if rel.endswith("png") else "JPEG"))
-    manifest = build_shards(src, tmp_path / "out", val_fraction=0, test_fraction=0,
-                            workers=1, progress=False)
+    manifest = build_shards(src, tmp_path / "out", val_fraction=0, test_fraction=0, workers=1, progress=False)
     with tarfile.open(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["name"]) as t:
         metas = [json.loads(t.extractfile(m).read()) for m in t if m.name.endswith(".json")]
     keys = {m["source"]: m["key"] for m in metas}

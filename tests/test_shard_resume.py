@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from deblur import shard as shard_module
-from deblur import tario
-from deblur.shard import build_shards, main
-from deblur.shard_verify import verify
+from deblur import files
+from deblur.shard import build as shard_module
+from deblur.shard.build import build_shards, main
+from deblur.shard.verify import verify
 
 ENV = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 OPTS = dict(seed=3, val_fraction=0.2, test_fraction=0.2, shard_size=6, workers=1, progress=False)
@@ -58,10 +58,9 @@ def test_resume_after_kill_finishes_identically(tiny_photo_folder, reference, tm
     assert dataset_files(out) == dataset_files(reference)
 
 
-def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder, reference,
-                                                              tmp_path, monkeypatch):
+def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_replace, published = tario.os.replace, []
+    real_replace, published = files.os.replace, []
 
     def dying_replace(src, dst):
         if str(dst).endswith(".tar"):
@@ -70,10 +69,10 @@ def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder,
             published.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(tario.os, "replace", dying_replace)
+    monkeypatch.setattr(files.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         build_shards(tiny_photo_folder, out, **OPTS)
-    monkeypatch.setattr(tario.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     tars = sorted(p.name for p in out.glob("*.tar"))
     assert len(tars) == 2 and not (out / "manifest.json").exists()
     assert len(list(out.glob("*.tar.partial"))) == 1
@@ -160,15 +159,17 @@ def test_verify_catches_an_undecodable_member(reference, tmp_path):
 def test_sigkilled_cli_build_leaves_only_complete_tars(tiny_photo_folder, tmp_path):
     """A real kill -9 of the CLI (and its workers) mid-build, then the same command again."""
     reference = tmp_path / "reference"
-    opts = ["--seed", "3", "--val-fraction", "0.2", "--test-fraction", "0.2",
-            "--shard-size", "2", "--no-progress"]
+    opts = ["--seed", "3", "--val-fraction", "0.2", "--test-fraction", "0.2", "--shard-size", "2", "--no-progress"]
     cmd = [sys.executable, "-m", "deblur.shard", "--src", str(tiny_photo_folder), *opts]
-    subprocess.run(cmd + ["--out", str(reference), "--workers", "1"], check=True,
-                   capture_output=True, env=ENV)
+    subprocess.run(cmd + ["--out", str(reference), "--workers", "1"], check=True, capture_output=True, env=ENV)
     out = tmp_path / "out"
-    proc = subprocess.Popen(cmd + ["--out", str(out), "--workers", "2"], env=ENV,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + ["--out", str(out), "--workers", "2"],
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not list(out.glob("*.tar")) and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -178,6 +179,5 @@ def test_sigkilled_cli_build_leaves_only_complete_tars(tiny_photo_folder, tmp_pa
     assert published and not (out / "manifest.json").exists()
     for tar in published:  # whatever carries a final name is complete and correct
         assert tar.read_bytes() == (reference / tar.name).read_bytes(), tar.name
-    subprocess.run(cmd + ["--out", str(out), "--workers", "2"], check=True,
-                   capture_output=True, env=ENV)
+    subprocess.run(cmd + ["--out", str(out), "--workers", "2"], check=True, capture_output=True, env=ENV)
     assert dataset_files(out) == dataset_files(reference)

@@ -14,10 +14,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from deblur.blur import apply_blur, stored_blur
-from deblur.data import make_loader
 from deblur.images import decode_rgb
-from deblur.shard import build_shards, main
+from deblur.loading.loader import make_loader
+from deblur.shard.blur import apply_blur, stored_blur
+from deblur.shard.build import build_shards, main
 from tests.conftest import SMALL_STORE_SIZE, TINY_IMAGES, TINY_OPTIONS
 from tests.test_data import assert_backends_agree
 
@@ -28,13 +28,16 @@ ENV = os.environ | {"PYTHONPATH": str(ROOT)}
 def samples(root: Path):
     urls = sorted(str(p) for p in root.glob("*-??????.tar"))
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        yield (json.loads(sample["json"]), decode_rgb(sample["sharp.jpg"], "sharp").image,
-               decode_rgb(sample["blur.jpg"], "blur").image)
+        yield (
+            json.loads(sample["json"]),
+            decode_rgb(sample["sharp.jpg"], "sharp").image,
+            decode_rgb(sample["blur.jpg"], "blur").image,
+        )
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / mse))
+    return float(10 * np.log10(255.0**2 / mse))
 
 
 def test_members_are_stored_downscaled_with_sizes_in_json(small_shards, tiny_shards):
@@ -57,8 +60,10 @@ def test_kernel_rebuilt_for_the_stored_size_explains_the_blurred_member(small_sh
         unscaled.append(psnr(apply_blur(np.asarray(sharp), meta["blur"]), blurred))
         blurred_vs_sharp.append(psnr(sharp, blurred))
     rebuilt, unscaled, blurred_vs_sharp = map(np.array, (rebuilt, unscaled, blurred_vs_sharp))
-    print(f"rebuilt {np.median(rebuilt):.1f} dB (min {rebuilt.min():.1f}), source-scale kernel "
-          f"{np.median(unscaled):.1f}, blurred vs sharp {np.median(blurred_vs_sharp):.1f}")
+    print(
+        f"rebuilt {np.median(rebuilt):.1f} dB (min {rebuilt.min():.1f}), source-scale kernel "
+        f"{np.median(unscaled):.1f}, blurred vs sharp {np.median(blurred_vs_sharp):.1f}"
+    )
     # measured: rebuilt median ~46 dB against blurred-vs-sharp ~22 (flat crops score higher on
     # both, hence the per-sample margin); the kernel left at source scale is far off too
     assert np.median(rebuilt) > np.median(blurred_vs_sharp) + 15
@@ -66,8 +71,7 @@ def test_kernel_rebuilt_for_the_stored_size_explains_the_blurred_member(small_sh
 
 
 def test_stored_blur_scales_lengths_not_angles():
-    meta = {"size": [64, 78], "source_size": [178, 218],
-            "blur": {"type": "motion", "length": 17.8, "angle": 30.0}}
+    meta = {"size": [64, 78], "source_size": [178, 218], "blur": {"type": "motion", "length": 17.8, "angle": 30.0}}
     assert stored_blur(meta) == {"type": "motion", "length": pytest.approx(6.4), "angle": 30.0}
     meta = {"size": [64, 78], "source_size": [178, 218], "blur": {"type": "gaussian", "sigma": 8.9}}
     assert stored_blur(meta)["sigma"] == pytest.approx(3.2)
@@ -108,17 +112,28 @@ def test_a_rerun_with_another_store_size_rebuilds(tiny_photo_folder, tmp_path):
 
 
 def test_backends_read_small_shards_and_agree(small_shards):
-    runs = [list(make_loader(small_shards, "train", batch_size=4, backend=backend, num_workers=2,
-                             shuffle=False, flip=False)) for backend in ("dali", "torch")]
+    runs = [
+        list(
+            make_loader(small_shards, "train", batch_size=4, backend=backend, num_workers=2, shuffle=False, flip=False)
+        )
+        for backend in ("dali", "torch")
+    ]
     assert len(runs[0]) > 0 and runs[0][0][0].shape == (4, 3, 64, 64)
     assert_backends_agree(*runs)
 
 
 def test_small_and_full_size_shards_give_nearly_the_same_training_pixels(small_shards, tiny_shards):
     """Stored small, the loader's 64x64 pairs stay close to those of full-size shards."""
+
     def first(root):
-        return torch.cat([torch.stack(pair, 1) for pair in make_loader(
-            root, "train", batch_size=4, backend="torch", num_workers=1, shuffle=False, flip=False)])
+        return torch.cat(
+            [
+                torch.stack(pair, 1)
+                for pair in make_loader(
+                    root, "train", batch_size=4, backend="torch", num_workers=1, shuffle=False, flip=False
+                )
+            ]
+        )
 
     small, full = first(small_shards), first(tiny_shards)
     assert (small - full).abs().mean() < 0.05  # normalized units; another image is ~0.5 away
@@ -135,10 +150,29 @@ def test_invalid_store_size_is_a_clear_error(value, tmp_path, capsys):
 
 def test_a_build_prints_no_warnings(tiny_photo_folder, tmp_path):
     """Workers must not re-run the CLI module (runpy's "found in sys.modules" warning)."""
-    done = subprocess.run([sys.executable, "-m", "deblur.shard", "--src", str(tiny_photo_folder),
-                           "--out", str(tmp_path / "out"), "--workers", "2", "--limit", "8",
-                           "--store-size", "64", "--no-progress"],
-                          capture_output=True, text=True, env=ENV, cwd=ROOT, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deblur.shard",
+            "--src",
+            str(tiny_photo_folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--limit",
+            "8",
+            "--store-size",
+            "64",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        check=True,
+    )
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("built ") and lines[1].startswith("dataset "), lines
     assert "Warning" not in done.stderr

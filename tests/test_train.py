@@ -25,11 +25,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from deblur.checkpoint import state_digest, verify_checkpoint
-from deblur.config import load_config
-from deblur.data import manifest_split
 from deblur.models import Generator
-from deblur.shard import build_shards
+from deblur.shard.build import build_shards
+from deblur.shard.format import manifest_split
+from deblur.training.checkpoint import state_digest, verify_checkpoint
+from deblur.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -48,15 +48,41 @@ def start(shards: Path, out: Path, *overrides: str, processes: int = 2) -> subpr
     """Start a CPU run (2 processes unless told); output goes to out/../<out.name>.log (appended)."""
     launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
     cmd = [
-        str(ACCELERATE), "launch", *launcher, "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-        f"data.shards={shards}", f"output_dir={out}", "data.batch_size=2", "data.flip=false", "data.workers=1",
-        f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=2",
-        "train.log_every=1", f"train.eval_every={STEPS}", "train.record_batches=true", "wandb.mode=disabled",
+        str(ACCELERATE),
+        "launch",
+        *launcher,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "launch" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        f"data.shards={shards}",
+        f"output_dir={out}",
+        "data.batch_size=2",
+        "data.flip=false",
+        "data.workers=1",
+        f"train.max_steps={STEPS}",
+        f"train.checkpoint_every={CHECKPOINT_EVERY}",
+        "train.keep_checkpoints=2",
+        "train.log_every=1",
+        f"train.eval_every={STEPS}",
+        "train.record_batches=true",
+        "wandb.mode=disabled",
         *overrides,  # later overrides win
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_SILENT": "true",
+    }
     env.pop("WANDB_MODE", None)  # the config's wandb.mode decides
     log = open(out.parent / f"{out.name}.log", "a")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -145,9 +171,18 @@ def test_run_writes_its_outputs(reference, tiny_shards):
     kept = sorted(p.name for p in (reference / "checkpoints").iterdir())
     assert kept == [f"step-{STEPS - CHECKPOINT_EVERY:07d}", f"step-{STEPS:07d}"]
     last = reference / "checkpoints" / f"step-{STEPS:07d}"
-    for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin",
-                 "random_states_0.pkl", "random_states_1.pkl", "loader-rank0.json", "loader-rank1.json",
-                 "config.yaml", "trainer.json"):
+    for name in (
+        "model.safetensors",
+        "model_1.safetensors",
+        "optimizer.bin",
+        "optimizer_1.bin",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+        "loader-rank0.json",
+        "loader-rank1.json",
+        "config.yaml",
+        "trainer.json",
+    ):
         assert (last / name).is_file(), name
     assert json.loads((last / "trainer.json").read_text())["step"] == STEPS
     assert (reference / "samples" / f"step-{STEPS:07d}.png").is_file()
@@ -178,9 +213,7 @@ def test_ranks_see_disjoint_data(reference):
     epochs = {r["epoch"] for r in rank0.values()}
     assert len(epochs) >= 2  # the run crosses epoch boundaries
     for epoch in epochs:
-        seen = [
-            [h for r in records.values() if r["epoch"] == epoch for h in r["sharp"]] for records in (rank0, rank1)
-        ]
+        seen = [[h for r in records.values() if r["epoch"] == epoch for h in r["sharp"]] for records in (rank0, rank1)]
         assert len(set(seen[0])) == len(seen[0]) and len(set(seen[1])) == len(seen[1])  # no repeats in an epoch
         assert not set(seen[0]) & set(seen[1])
 
@@ -189,8 +222,9 @@ def test_losses_fall_when_overfitting(tiny_photo_folder, tmp_path):
     # Four training pairs, two per rank and batch: every update sees the same images, so the
     # SSIM loss must fall steadily and D must learn to tell restored from sharp.
     shards = tmp_path / "four"
-    manifest = build_shards(tiny_photo_folder, shards, val_fraction=0.05, test_fraction=0, shard_size=8,
-                            workers=1, limit=5, progress=False)
+    manifest = build_shards(
+        tiny_photo_folder, shards, val_fraction=0.05, test_fraction=0, shard_size=8, workers=1, limit=5, progress=False
+    )
     # The hash split of these five keys puts one in val: fewer val images than processes.
     assert [manifest["splits"][s]["samples"] for s in ("train", "val", "test")] == [4, 1, 0]
     out = tmp_path / "overfit"
@@ -308,10 +342,16 @@ def test_resume_on_one_process_then_on_two(reference, tiny_shards, tmp_path):
     loader = json.loads((two / "loader-rank0.json").read_text())
 
     log = run(tiny_shards, out, processes=1)
-    assert f"resumed from {out / 'checkpoints' / two.name} at step {start_step}; models and optimizers sha256 {saved_state_digest(two)}" in log
+    assert (
+        f"resumed from {out / 'checkpoints' / two.name} at step {start_step}; "
+        f"models and optimizers sha256 {saved_state_digest(two)}" in log
+    )
     assert "written by 2 processes, this run has 1" in log
     per_rank = loader["settings"]["samples"] // 2 // 2  # two ranks, batch 2
-    assert f"the ranks were at batch {loader['batch']} of {per_rank} in epoch {loader['epoch']}; every rank now starts epoch {loader['epoch']} at batch 0" in log
+    assert (
+        f"the ranks were at batch {loader['batch']} of {per_rank} in epoch {loader['epoch']}; "
+        f"every rank now starts epoch {loader['epoch']} at batch 0" in log
+    )
     assert "RNG states: rank 0 restored from random_states_<rank>.pkl; those of rank 1 not used" in log
     one = out / "checkpoints" / f"step-{STEPS:07d}"
     assert json.loads((one / "trainer.json").read_text())["world_size"] == 1
@@ -367,6 +407,7 @@ def test_checkpoints_resume_across_the_compile_switch(tiny_shards, tmp_path):
     Generator().load_state_dict(generator_weights(out))  # a compiled run's generator.safetensors, strict keys
     log = run_one_process(tiny_shards, out, "train.max_steps=4", "train.compile=false", *steps)
     assert "compile: off" in log and "at step 3" in log
+
     # Weights: Adam moves a weight by up to lr per update whatever the gradient's size, so
     # kernel rounding on tiny gradients shows as ~lr differences; the losses and the restored
     # images are the meaningful comparison.

@@ -3,18 +3,18 @@ precision and compile choices, the sample grid."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 
-from deblur import hardware
-from deblur.config import LossConfig, OptimConfig
-from deblur.gan import GanStep, StepStats, make_optimizer
 from deblur.models import Discriminator, Generator
-from deblur.samples import labelled_grid
-from deblur.train import DeviceToHost, Meter
+from deblur.training import hardware
+from deblur.training.config import LossConfig, OptimConfig
+from deblur.training.gan import GanStep, StepStats, make_optimizer
+from deblur.training.meter import Meter
+from deblur.training.samples import labelled_grid
+from deblur.training.stop import DeviceToHost
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,12 @@ def test_device_to_host_copy_on_cpu():
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
-    [({"avx512f", "amx_bf16", "amx_tile"}, "bf16"), ({"avx512f", "avx512_bf16"}, "bf16"), ({"avx512f", "avx2"}, "no"), (set(), "no")],
+    [
+        ({"avx512f", "amx_bf16", "amx_tile"}, "bf16"),
+        ({"avx512f", "avx512_bf16"}, "bf16"),
+        ({"avx512f", "avx2"}, "no"),
+        (set(), "no"),
+    ],
 )
 def test_auto_precision_follows_the_cpu_bf16_units(monkeypatch, flags, expected):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))

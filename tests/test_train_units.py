@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deblur.checkpoint import complete_checkpoints, latest_checkpoint, remove_partial_saves, step_dir_name
-from deblur.gan import bce_towards, frozen, ssim_loss, summarize
 from deblur.models import Discriminator
 from deblur.norm import normalize
+from deblur.training.checkpoint import complete_checkpoints, latest_checkpoint, remove_partial_saves, step_dir_name
+from deblur.training.gan import bce_towards, frozen, ssim_loss
+from deblur.training.validation import summarize
 
 
 def make_checkpoint(root, step):
@@ -62,7 +63,8 @@ def test_frozen_blocks_weight_gradients_but_not_input_gradients():
 
 def test_summarize_means_and_empty_split():
     sums = torch.tensor([60.0, 1.5, 45.0, 1.2, 3.0])
-    assert summarize(sums) == pytest.approx({"psnr_restored": 20.0, "ssim_restored": 0.5, "psnr_blurred": 15.0,
-                                             "ssim_blurred": 0.4, "images": 3})
+    assert summarize(sums) == pytest.approx(
+        {"psnr_restored": 20.0, "ssim_restored": 0.5, "psnr_blurred": 15.0, "ssim_blurred": 0.4, "images": 3}
+    )
     empty = summarize(torch.zeros(5))
     assert empty["images"] == 0 and empty["psnr_restored"] != empty["psnr_restored"]  # NaN

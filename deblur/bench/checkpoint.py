@@ -1,7 +1,7 @@
 """What a durable checkpoint costs: ``python -m deblur.bench checkpoint [--repeat 5] [--dir DIR]``.
 
 Saves the full-size models (generator, discriminator and both Adam states, as the trainer does,
-one process) with deblur.checkpoint.save_checkpoint, alternating two ways: as shipped (every
+one process) with deblur.training.checkpoint.save_checkpoint, alternating two ways: as shipped (every
 file, the manifest, the folder and its parent fsynced) and with ``os.fsync`` made a no-op, so
 the difference is the price of durability. Both write the sha256 manifest; verifying one
 checkpoint (what resuming does before loading it) is timed on its own. ``os.sync()`` runs,
@@ -25,13 +25,16 @@ from unittest import mock
 import torch
 from accelerate import Accelerator
 
-from deblur.checkpoint import save_checkpoint, verify_checkpoint
 from deblur.models import Discriminator, Generator
+from deblur.training.checkpoint import save_checkpoint, verify_checkpoint
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deblur.bench checkpoint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deblur.bench checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--repeat", type=int, default=5, help="saves per way; each way's figure is its median")
     parser.add_argument("--dir", type=Path, default=Path("."), help="where the temporary checkpoints go")
     args = parser.parse_args(argv)
@@ -64,20 +67,35 @@ def main(argv: list[str]) -> None:
                 os.sync()
                 start = time.perf_counter()
                 with mock.patch("os.fsync") if way == "no fsync" else contextlib.nullcontext():
-                    final = save_checkpoint(accelerator, checkpoints / way.replace(" ", "-"), step, {}, {},
-                                            "bench: true\n", keep=1)
+                    final = save_checkpoint(
+                        accelerator, checkpoints / way.replace(" ", "-"), step, {}, {}, "bench: true\n", keep=1
+                    )
                 seconds[way].append(time.perf_counter() - start)
             start = time.perf_counter()
             assert verify_checkpoint(final) == []
             verify_s.append(time.perf_counter() - start)
         size_mb = sum(p.stat().st_size for p in final.iterdir()) / 2**20
     medians = {way: statistics.median(s) for way, s in seconds.items()}
-    print(f"checkpoint of {size_mb:.1f} MiB (G + D + Adam states) in {args.dir.resolve()}, median of {args.repeat} saves:")
+    print(
+        f"checkpoint of {size_mb:.1f} MiB (G + D + Adam states) in {args.dir.resolve()}, median of {args.repeat} saves:"
+    )
     for way, median in medians.items():
-        print(f"  {way:<9} {1000 * median:8.1f} ms per save   (all: {', '.join(f'{1000 * s:.0f}' for s in seconds[way])})")
-    print(f"  fsync cost {1000 * (medians['durable'] - medians['no fsync']):8.1f} ms per save; "
-          f"verifying one checkpoint {1000 * statistics.median(verify_s):.1f} ms")
-    print(json.dumps({"benchmark": "checkpoint", "size_mib": round(size_mb, 1), "repeat": args.repeat,
-                      "median_ms": {way: round(1000 * m, 1) for way, m in medians.items()},
-                      "verify_ms": round(1000 * statistics.median(verify_s), 1),
-                      "all_ms": {way: [round(1000 * s, 1) for s in v] for way, v in seconds.items()}}))
+        print(
+            f"  {way:<9} {1000 * median:8.1f} ms per save   (all: {', '.join(f'{1000 * s:.0f}' for s in seconds[way])})"
+        )
+    print(
+        f"  fsync cost {1000 * (medians['durable'] - medians['no fsync']):8.1f} ms per save; "
+        f"verifying one checkpoint {1000 * statistics.median(verify_s):.1f} ms"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "checkpoint",
+                "size_mib": round(size_mb, 1),
+                "repeat": args.repeat,
+                "median_ms": {way: round(1000 * m, 1) for way, m in medians.items()},
+                "verify_ms": round(1000 * statistics.median(verify_s), 1),
+                "all_ms": {way: [round(1000 * s, 1) for s in v] for way, v in seconds.items()},
+            }
+        )
+    )

@@ -7,9 +7,9 @@ Measures (blurred, sharp) pairs per second of one split's pairs for
 
 * ``dali``: ``make_loader(backend="dali")`` (shuffle and flip on, as in training);
 * ``torch``: ``make_loader(backend="torch")`` (index reads + DataLoader, same settings);
-* ``original``: the original project's way: the same pairs exported once to two folders of PNG
-  files with identical names, read with PIL + torchvision Resize/ToTensor/Normalize, a shuffling
-  torch DataLoader with as many workers as cores;
+* ``original``: the way of the reference code this project reimplements: the same pairs
+  exported once to two folders of PNG files with identical names, read with PIL + torchvision
+  Resize/ToTensor/Normalize, a shuffling torch DataLoader with as many workers as cores;
 * ``raw_decode``: the machine's JPEG decode rate for the same pairs, decode only, all cores: the
   faster of ``raw_decode_pil`` (both members decoded by PIL from bytes already in memory, one
   process per worker) and ``raw_decode_dali`` (a DALI pipeline of just the webdataset reader and
@@ -51,9 +51,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import psutil
 import torch
@@ -63,31 +63,41 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from deblur.data import MEMBERS, find_shards, make_loader, read_members, usable_cores
+from deblur.loading.contract import find_shards, read_members, usable_cores
+from deblur.loading.loader import make_loader
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+from deblur.shard.format import MANIFEST, PAIR_MEMBERS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deblur.bench loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=Path, required=True, help="shard dataset folder")
-    parser.add_argument("--small-shards", type=Path, default=None,
-                        help="the same photographs built with --store-size, measured alongside")
+    parser.add_argument(
+        "--small-shards",
+        type=Path,
+        default=None,
+        help="the same photographs built with --store-size, measured alongside",
+    )
     parser.add_argument("--split", default="train", help="split to read (default train)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per method and round")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each method's rate is its median")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds each method runs before the rounds")
-    parser.add_argument("--workers", type=int, default=usable_cores(),
-                        help="DALI threads / DataLoader workers / decode processes (default: cores)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to export the PNG folders (default: a temporary folder)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=usable_cores(),
+        help="DALI threads / DataLoader workers / decode processes (default: cores)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where to export the PNG folders (default: a temporary folder)"
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--repeat must be >= 1, --seconds > 0 and --warmup >= 0")
     if args.small_shards:  # the comparison only means something on the same photographs
-        sources = [json.loads((root / "manifest.json").read_text()).get("source")
-                   for root in (args.shards, args.small_shards)]
+        sources = [json.loads((root / MANIFEST).read_text()).get("source") for root in (args.shards, args.small_shards)]
         if sources[0] != sources[1]:
             parser.error(f"--shards and --small-shards were built from different sources: {sources}")
     return args
@@ -97,9 +107,8 @@ def read_pairs(shards: Path, split: str) -> list[tuple[str, bytes, bytes]]:
     """(key, blurred JPEG, sharp JPEG) of every sample of the split, read by index offsets."""
     members = read_members(find_shards(shards, split))
     # zip of one iterator with itself takes it two items at a time: each sample yields its
-    # blurred member, then its sharp one (the MEMBERS order).
-    return [(name.split(".", 1)[0], blurred, sharp)
-            for (_, name, blurred), (_, _, sharp) in zip(members, members)]
+    # blurred member, then its sharp one (the PAIR_MEMBERS order).
+    return [(name.split(".", 1)[0], blurred, sharp) for (_, name, blurred), (_, _, sharp) in zip(members, members)]
 
 
 def export_png_folders(pairs: list[tuple[str, bytes, bytes]], root: Path) -> tuple[Path, Path]:
@@ -119,18 +128,21 @@ class FolderPairs(Dataset):
     def __init__(self, blurred: Path, sharp: Path, image_size: int):
         self.blurred, self.sharp = blurred, sharp
         self.names = sorted(p.name for p in blurred.iterdir())
-        self.transform = transforms.Compose([
-            transforms.Resize((image_size, image_size)),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize((image_size, image_size)),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int):
-        return tuple(self.transform(Image.open(folder / self.names[i]).convert("RGB"))
-                     for folder in (self.blurred, self.sharp))
+        return tuple(
+            self.transform(Image.open(folder / self.names[i]).convert("RGB")) for folder in (self.blurred, self.sharp)
+        )
 
 
 # A method runs for about ``seconds`` and says how many pairs it delivered in how long.
@@ -228,16 +240,25 @@ def pil_decode_method(pool, workers: int) -> Method:
 @pipeline_def
 def decode_only_pipeline(shards: Path, split: str, gpu: bool = False, hw_decoder_load: float = 0.65):
     found = find_shards(shards, split)
-    jpegs = fn.readers.webdataset(paths=[str(s.tar) for s in found], index_paths=[str(s.idx) for s in found],
-                                  ext=list(MEMBERS))
+    jpegs = fn.readers.webdataset(
+        paths=[str(s.tar) for s in found], index_paths=[str(s.idx) for s in found], ext=list(PAIR_MEMBERS)
+    )
     decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
     return tuple(fn.decoders.image(member, output_type=types.RGB, **decoder) for member in jpegs)
 
 
-def dali_decode_counts(shards: Path, split: str, batch_size: int, threads: int, gpu: bool = False,
-                       hw_decoder_load: float = 0.65) -> Iterator[int]:
-    pipe = decode_only_pipeline(shards, split, gpu, hw_decoder_load, batch_size=batch_size, num_threads=threads,
-                                device_id=torch.cuda.current_device() if gpu else None)
+def dali_decode_counts(
+    shards: Path, split: str, batch_size: int, threads: int, gpu: bool = False, hw_decoder_load: float = 0.65
+) -> Iterator[int]:
+    pipe = decode_only_pipeline(
+        shards,
+        split,
+        gpu,
+        hw_decoder_load,
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=torch.cuda.current_device() if gpu else None,
+    )
     pipe.build()
     while True:
         pipe.run()
@@ -257,8 +278,11 @@ def shard_set_methods(shards: Path, split: str, suffix: str, loader_options: dic
     methods[f"raw_decode_dali{suffix}"] = stream_method(dali_decode_counts(shards, split, batch_size, workers))
     if torch.cuda.is_available():
         dali = loaders["dali"]
-        methods[f"decode_ceiling{suffix}"] = stream_method(dali_decode_counts(
-            shards, split, batch_size, dali.decode_threads, gpu=True, hw_decoder_load=dali.hw_decoder_load))
+        methods[f"decode_ceiling{suffix}"] = stream_method(
+            dali_decode_counts(
+                shards, split, batch_size, dali.decode_threads, gpu=True, hw_decoder_load=dali.hw_decoder_load
+            )
+        )
     return methods
 
 
@@ -297,18 +321,24 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     pairs = read_pairs(args.shards, args.split)
     small = f" and {args.small_shards} (as *_small)" if args.small_shards else ""
-    print(f"{len(pairs)} {args.split} pairs from {args.shards}{small}, batch {args.batch_size}, "
-          f"{args.image_size}x{args.image_size}, {args.workers} workers; {args.repeat} rounds of "
-          f"{args.seconds:g} s per method after {args.warmup:g} s warm-up; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    loader_options = dict(batch_size=args.batch_size, image_size=args.image_size, shuffle=True,
-                          flip=True, num_workers=args.workers)
+    print(
+        f"{len(pairs)} {args.split} pairs from {args.shards}{small}, batch {args.batch_size}, "
+        f"{args.image_size}x{args.image_size}, {args.workers} workers; {args.repeat} rounds of "
+        f"{args.seconds:g} s per method after {args.warmup:g} s warm-up; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    loader_options = dict(
+        batch_size=args.batch_size, image_size=args.image_size, shuffle=True, flip=True, num_workers=args.workers
+    )
     context = multiprocessing.get_context("fork")
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, \
-            context.Pool(args.workers, initializer=_keep_pairs, initargs=(pairs,)) as pool:
+    with (
+        tempfile.TemporaryDirectory(dir=args.workdir) as tmp,
+        context.Pool(args.workers, initializer=_keep_pairs, initargs=(pairs,)) as pool,
+    ):
         folders = FolderPairs(*export_png_folders(pairs, Path(tmp)), image_size=args.image_size)
-        original = DataLoader(folders, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.workers)
+        original = DataLoader(
+            folders, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers
+        )
         methods = shard_set_methods(args.shards, args.split, "", loader_options)
         methods["original"] = stream_method(pair_counts(lambda: original))
         methods["raw_decode_pil"] = pil_decode_method(pool, args.workers)
@@ -323,8 +353,11 @@ def main(argv: list[str]) -> None:
     cpu_us["raw_decode"] = min(cpu_us["raw_decode_pil"], cpu_us["raw_decode_dali"])
     suffixes = ["", "_small"] if args.small_shards else [""]
     for suffix in suffixes:  # the most the DALI loader could deliver on each set
-        ceiling = f"decode_ceiling{suffix}" if f"decode_ceiling{suffix}" in rates else \
-            ("raw_decode" if not suffix else "raw_decode_dali_small")
+        ceiling = (
+            f"decode_ceiling{suffix}"
+            if f"decode_ceiling{suffix}" in rates
+            else ("raw_decode" if not suffix else "raw_decode_dali_small")
+        )
         rates[f"ceiling{suffix}"] = rates[ceiling]
 
     # "of ceiling": against the decode-only ceiling of the method's own shard set
@@ -334,8 +367,10 @@ def main(argv: list[str]) -> None:
             continue
         ceiling = rates["ceiling_small" if name.endswith("_small") else "ceiling"]
         each = " ".join(f"{r.rate:.0f}" for r in rounds.get(name, []))
-        print(f"{name:<22}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / ceiling:>12.2f}"
-              f"{cpu_us[name]:>13.0f}   {each}")
+        print(
+            f"{name:<22}{rate:>10.0f}{rate / rates['original']:>12.2f}{rate / ceiling:>12.2f}"
+            f"{cpu_us[name]:>13.0f}   {each}"
+        )
     summary = {name: round(rate, 1) for name, rate in rates.items()}
     for suffix in suffixes:
         summary[f"dali{suffix}_fraction_of_ceiling"] = round(rates[f"dali{suffix}"] / rates[f"ceiling{suffix}"], 3)
@@ -354,7 +389,9 @@ def main(argv: list[str]) -> None:
         # The same two ratios in CPU time per pair: what they would be with the cores to itself.
         dali_cpu_x_original=round(cpu_us["original"] / cpu_us["dali"], 2),
         dali_cpu_fraction_of_raw_decode=round(cpu_us["raw_decode"] / cpu_us["dali"], 2),
-        pairs=len(pairs), batch_size=args.batch_size, workers=args.workers,
+        pairs=len(pairs),
+        batch_size=args.batch_size,
+        workers=args.workers,
         loadavg_1min=round(os.getloadavg()[0], 2),
     )
     print(json.dumps(summary))

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from deblur import demo
-from deblur.shard import build_shards
+from deblur.shard import demo
+from deblur.shard.build import build_shards
 
 
 def demo_folder(folder: Path, images: int) -> Path:
@@ -44,17 +44,23 @@ def timed_build(src: Path, out: Path, images: int, workers: int) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m deblur.bench shard", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m deblur.bench shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--src", type=Path, help="folder of images to build from")
     source.add_argument("--demo", action="store_true", help="use the built-in demo photographs")
     p.add_argument("--images", type=int, default=2000, help="images per build")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="the 'all workers' count (default: all cores)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="alternate 1-worker and N-worker builds this many times, keep the "
-                        "fastest of each (use 3+ on a shared machine)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="the 'all workers' count (default: all cores)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="alternate 1-worker and N-worker builds this many times, keep the "
+        "fastest of each (use 3+ on a shared machine)",
+    )
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
@@ -69,14 +75,24 @@ def main(argv: list[str] | None = None) -> None:
     if any(run[2] != m1 for run in runs_one + runs_many):
         raise SystemExit("1-worker and N-worker builds differ: the builder is not deterministic")
     n = m1["samples"] + len(m1["skipped"])  # images processed, usable or not
-    result = {"bench": "shard", "images": n, "samples": m1["samples"], "workers": args.workers,
-              "images_per_s_1_worker": round(n / one, 1),
-              "images_per_s_all_workers": round(n / many, 1),
-              "speedup": round(one / many, 2), "repeat": args.repeat,
-              "cpu_s_1_worker": round(cpu_one, 2), "parent_cpu_s_all_workers": round(cpu_parent, 2),
-              "cpu_count": os.cpu_count(), "loadavg_1min": round(os.getloadavg()[0], 2)}
-    print(f"1 worker: {n / one:.1f} images/s ({one:.1f} s); {args.workers} workers: "
-          f"{n / many:.1f} images/s ({many:.1f} s); speedup {one / many:.2f}x; parent CPU "
-          f"{cpu_parent:.1f} s of {cpu_one:.1f} s total work; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    result = {
+        "bench": "shard",
+        "images": n,
+        "samples": m1["samples"],
+        "workers": args.workers,
+        "images_per_s_1_worker": round(n / one, 1),
+        "images_per_s_all_workers": round(n / many, 1),
+        "speedup": round(one / many, 2),
+        "repeat": args.repeat,
+        "cpu_s_1_worker": round(cpu_one, 2),
+        "parent_cpu_s_all_workers": round(cpu_parent, 2),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
+    print(
+        f"1 worker: {n / one:.1f} images/s ({one:.1f} s); {args.workers} workers: "
+        f"{n / many:.1f} images/s ({many:.1f} s); speedup {one / many:.2f}x; parent CPU "
+        f"{cpu_parent:.1f} s of {cpu_one:.1f} s total work; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     print(json.dumps(result))

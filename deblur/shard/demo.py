@@ -15,9 +15,9 @@ from pathlib import Path
 import skimage.data
 from PIL import Image
 
+from deblur.files import write_atomic
 from deblur.images import load_rgb
-from deblur.sources import PARTITION_FILE
-from deblur.tario import write_atomic
+from deblur.shard.sources import PARTITION_FILE
 
 CROP_W, CROP_H = 178, 218  # CelebA's img_align_celeba size
 SCALES = (1.0, 0.85, 0.7, 0.55)

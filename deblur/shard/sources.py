@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+from deblur.shard.format import SPLITS, shard_name
+
 PARTITION_FILE = "list_eval_partition.txt"  # CelebA's official split: 0=train, 1=val, 2=test
 _PARTITION_SPLITS = {"0": "train", "1": "val", "2": "test"}
 _MAX_KEY = 80  # + ".sharp.jpg" stays within a USTAR name (100 chars)
@@ -47,8 +48,7 @@ def list_files(src: Path, exclude: Path | None = None) -> list[str]:
     found = []
     skip = os.path.realpath(exclude) if exclude is not None else None
     for root, dirs, files in os.walk(src):
-        dirs[:] = [d for d in dirs if not d.startswith(".")
-                   and os.path.realpath(os.path.join(root, d)) != skip]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != skip]
         for name in files:
             if name.startswith(".") or name == PARTITION_FILE:
                 continue
@@ -63,6 +63,7 @@ def make_keys(rels: list[str]) -> dict[str, str]:
     Collisions (after sanitizing) and over-long keys get a short hash of the full path appended,
     so keys never depend on which other files exist except in the colliding case.
     """
+
     def stem(rel: str) -> str:
         base, ext = os.path.splitext(rel)
         return re.sub(r"[^A-Za-z0-9_-]", "_", base if base else rel) or "_"
@@ -74,14 +75,12 @@ def make_keys(rels: list[str]) -> dict[str, str]:
     counts: dict[str, int] = {}
     for s in stems.values():
         counts[s] = counts.get(s, 0) + 1
-    return {rel: (hashed(rel, s) if counts[s] > 1 or len(s) > _MAX_KEY else s)
-            for rel, s in stems.items()}
+    return {rel: (hashed(rel, s) if counts[s] > 1 or len(s) > _MAX_KEY else s) for rel, s in stems.items()}
 
 
 def find_partition(src: Path) -> Path | None:
     """CelebA's list_eval_partition.txt if it sits in ``src``, its parent or the parent's Eval/."""
-    for candidate in (src / PARTITION_FILE, src.parent / PARTITION_FILE,
-                      src.parent / "Eval" / PARTITION_FILE):
+    for candidate in (src / PARTITION_FILE, src.parent / PARTITION_FILE, src.parent / "Eval" / PARTITION_FILE):
         if candidate.is_file():
             return candidate
     return None
@@ -119,6 +118,5 @@ def plan_shards(items: list[Item], seed: int, shard_size: int) -> list[Shard]:
         order = np.random.default_rng([seed, split_index]).permutation(len(members))
         members = [members[i] for i in order]
         for n, start in enumerate(range(0, len(members), shard_size)):
-            shards.append(Shard(f"{split}-{n:06d}.tar", split,
-                                tuple(members[start:start + shard_size])))
+            shards.append(Shard(shard_name(split, n), split, tuple(members[start : start + shard_size])))
     return shards

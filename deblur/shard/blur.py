@@ -12,7 +12,7 @@ kernel; for shards stored downscaled (``python -m deblur.shard --store-size``),
   by splatting ``ceil(8 L)`` evenly spaced points bilinearly, normalized to sum 1.
 
 Strength. The paper trains at 64x64, so the ranges in :class:`BlurConfig` are given at a
-64-px reference (DESIGN.md: sigma 1.6-2.6 px or length 7-12 px lands at roughly 20-27 dB PSNR
+64-px reference (docs/design.md: sigma 1.6-2.6 px or length 7-12 px lands at roughly 20-27 dB PSNR
 after resizing to 64x64) and scaled by ``min(w, h) / 64`` to the source image. One scale for
 both axes keeps the kernel a physically plausible (isotropic / straight) blur at the source
 resolution; for CelebA's 178x218 the short side maps exactly onto 64 px.
@@ -93,8 +93,7 @@ def motion_kernel(length: float, angle: float) -> np.ndarray:
     x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
     fx, fy = xs - x0, ys - y0
     k = np.zeros((size, size), dtype=np.float64)
-    for dy, dx, w in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)),
-                      (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+    for dy, dx, w in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
         np.add.at(k, (y0 + dy, x0 + dx), w)
     return k / k.sum()
 
@@ -144,7 +143,7 @@ def apply_kernel(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     shape = (fft.next_fast_len(hp, real=True), fft.next_fast_len(wp, real=True))
     k = kernel.astype(np.float32).reshape(kernel.shape + (1,) * (x.ndim - 2))
     spectrum = fft.rfft2(x, shape, axes=(0, 1)) * fft.rfft2(k, shape, axes=(0, 1))
-    out = fft.irfft2(spectrum, shape, axes=(0, 1))[kh - 1:hp, kw - 1:wp]
+    out = fft.irfft2(spectrum, shape, axes=(0, 1))[kh - 1 : hp, kw - 1 : wp]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -1,6 +1,6 @@
 """``backend="torch"``: a torch DataLoader over the shards' indexes, the reference for DALI.
 
-Same epoch definition as deblur.data (rank's contiguous part of the stored order, buffer
+Same epoch definition as deblur.loading.contract (rank's contiguous part of the stored order, buffer
 shuffle, N//W//B full batches or, with drop_last=False, the whole part with a smaller last
 batch, one flip per pair). Its order is a pure function of ``(seed, rank, epoch)``, which gives
 both multi-worker loading and resuming:
@@ -25,16 +25,15 @@ import contextlib
 import io
 import os
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
-import numpy as np
-import simplejpeg
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from deblur.data import MEMBERS, PairOptions, Position, RankPart, ShardError, ShardFile, derived_seed, index_rows
+from deblur.loading.contract import PairOptions, Position, RankPart, ShardFile, derived_seed
+from deblur.loading.decode import decode_resized
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+from deblur.shard.format import PAIR_MEMBERS, ShardError, index_rows
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's initial_fill
 
@@ -52,35 +51,10 @@ def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def decode_resized(data: bytes, image_size: int, where: str) -> torch.Tensor:
-    """JPEG bytes -> (3, S, S) uint8, decoded and resized with an antialiased bilinear filter.
-
-    simplejpeg (libjpeg-turbo, as PIL and DALI's CPU decoder, same pixels) and torch's uint8
-    antialiased bilinear (triangle) kernel, which runs vectorised on the decoder's HWC output:
-    1.7x faster per 178x218 image than PIL's decode + resize (PIL also parses headers in
-    Python) and within one grey level of it. The filter is DALI's (linear + antialias), so the
-    backends agree within decoder tolerance. No DCT-domain downscale (PIL's draft(), simplejpeg's
-    min_width): faster still, but it moves this reference backend away from DALI's full decode
-    (3-4 % of values off by > 0.05 instead of 0.2 %).
-    """
-    try:
-        image = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
-    except (ValueError, RuntimeError) as error:
-        raise ShardError(f"cannot decode {where}: {error}") from error
-    return F.interpolate(image[None], size=(image_size, image_size), mode="bilinear",
-                         antialias=True, align_corners=False)[0]
-
-
-def decode_member(data: bytes, image_size: int, where: str) -> np.ndarray:
-    """JPEG bytes -> (S, S, 3) uint8 numpy image, exactly the pixels the loader trains on."""
-    return decode_resized(data, image_size, where).permute(1, 2, 0).numpy()
-
-
 class PairStream(IterableDataset):
     """One epoch of one rank's uint8 ``(blurred, sharp)`` batches, from batch ``start_batch``."""
 
-    def __init__(self, part: RankPart, pairs: PairOptions, *, epoch: int, start_batch: int,
-                 normalize: bool = False):
+    def __init__(self, part: RankPart, pairs: PairOptions, *, epoch: int, start_batch: int, normalize: bool = False):
         self.part = part
         self.pairs = pairs
         self.epoch = epoch
@@ -104,7 +78,7 @@ class PairStream(IterableDataset):
             rows = index_rows(shard.idx)
             skip = max(0, self.part.start - first_here)
             take = min(last, self.part.stop) - first_here - skip
-            for row in rows[skip:skip + take]:
+            for row in rows[skip : skip + take]:
                 yield shard, row
 
     def __iter__(self):
@@ -134,8 +108,9 @@ class PairStream(IterableDataset):
                 # instead (and the message, naming the shard, stays short).
                 yield error
 
-    def decode_batch(self, samples: list[tuple[ShardFile, dict]], batch: int, tars: dict,
-                     files: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_batch(
+        self, samples: list[tuple[ShardFile, dict]], batch: int, tars: dict, files: contextlib.ExitStack
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(blurred, sharp) (B, 3, S, S) with channels_last strides: uint8, or normalized float32
         with ``normalize``.
 
@@ -143,7 +118,7 @@ class PairStream(IterableDataset):
         mirrored on the way in: no stacking, transposing or flipping pass over the batch.
         """
         size = self.pairs.image_size
-        out = torch.empty((len(MEMBERS), len(samples), size, size, 3), dtype=torch.uint8)
+        out = torch.empty((len(PAIR_MEMBERS), len(samples), size, size, 3), dtype=torch.uint8)
         mirror = [False] * len(samples)
         if self.pairs.flip:
             coins = torch.Generator().manual_seed(derived_seed(self.pairs.seed, self.part.rank, self.epoch, batch))
@@ -151,7 +126,7 @@ class PairStream(IterableDataset):
         for i, (shard, row) in enumerate(samples):
             if shard not in tars:
                 tars[shard] = files.enter_context(open(shard.tar, "rb"))
-            for m, ext in enumerate(MEMBERS):
+            for m, ext in enumerate(PAIR_MEMBERS):
                 offset, length, name = row[ext]
                 where = f"shard {shard.tar} member {name}"
                 tars[shard].seek(offset)
@@ -206,12 +181,17 @@ class TorchPairLoader(Position):
             return
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
-        stream = PairStream(self.part, self.pairs, epoch=self.epoch, start_batch=self.batch,
-                            normalize=self.device.type == "cpu")
-        batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                             pin_memory=self.device.type == "cuda",
-                             prefetch_factor=4 if self.num_workers else None,
-                             worker_init_fn=leave_launcher_process_group)
+        stream = PairStream(
+            self.part, self.pairs, epoch=self.epoch, start_batch=self.batch, normalize=self.device.type == "cpu"
+        )
+        batches = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.num_workers else None,
+            worker_init_fn=leave_launcher_process_group,
+        )
         for item in batches:
             if isinstance(item, ShardError):
                 raise ShardError(*item.args)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from accelerate import Accelerator
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
+
+from deblur.norm import denormalize
+from deblur.training.gan import GanStep
 
 LABEL_WIDTH = 190
 PADDING = 4
@@ -28,3 +34,19 @@ def labelled_grid(rows: dict[str, torch.Tensor], scale: int = 3) -> Image.Image:
     for i, label in enumerate(rows):
         draw.text((8, PADDING + i * row_height + row_height // 2), label, fill="black", font=font, anchor="lm")
     return canvas
+
+
+@torch.no_grad()
+def save_samples(accelerator: Accelerator, gan: GanStep, batch, count: int, path: Path) -> None:
+    """The sample grid: rows blurred | restored | sharp, labelled, each image enlarged 3x."""
+    blurred, sharp = (t[:count] for t in batch)
+    # Unwrapped: this runs on the main process only, and a DDP forward on one rank alone must
+    # never be in a position to wait for the others.
+    with accelerator.autocast():
+        restored = accelerator.unwrap_model(gan.generator)(blurred)
+    rows = {
+        name: denormalize(t.float()).clamp(0, 1).cpu()
+        for name, t in (("blurred (input)", blurred), ("restored (G)", restored), ("sharp (target)", sharp))
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(rows, scale=3).save(path)

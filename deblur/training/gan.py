@@ -46,10 +46,8 @@ from accelerate import Accelerator
 from pytorch_msssim import ssim
 from torch import nn
 
-from deblur.config import LossConfig, OptimConfig
-from deblur.metrics import psnr
-from deblur.metrics import ssim as ssim_per_image
 from deblur.norm import denormalize
+from deblur.training.config import LossConfig, OptimConfig
 
 
 def ssim_loss(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
@@ -162,7 +160,9 @@ class GanStep:
         found_inf = (~torch.isfinite(values[0])).float()
         return torch.cat([found_inf.reshape(1), values]), found_inf
 
-    def _apply(self, loss: torch.Tensor, found_inf: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _apply(
+        self, loss: torch.Tensor, found_inf: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
         """Backward and optimizer step; the fused kernel leaves weights and Adam state untouched
         (step count included) when ``found_inf`` is 1. Deciding on the device instead of with
         ``if loss.isfinite():`` spares a host wait per update. Under fp16 the grad scaler sets
@@ -215,39 +215,3 @@ def make_optimizer(model: nn.Module, lr: float, optim: OptimConfig) -> torch.opt
     takes the skip flag on the device. Its state dict is the same as the other implementations',
     so checkpoints load either way."""
     return torch.optim.Adam(model.parameters(), lr=lr, betas=(optim.beta1, optim.beta2), fused=True)
-
-
-@torch.no_grad()
-def restoration_sums(accelerator: Accelerator, generator: nn.Module, blurred: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
-    """Sums over one batch of [PSNR restored, SSIM restored, PSNR blurred, SSIM blurred, count].
-
-    Sums (not means) so that batches and ranks of different sizes combine exactly.
-    """
-    with accelerator.autocast():
-        restored = generator(blurred)
-    restored01 = denormalize(restored.float()).clamp(0, 1)
-    blurred01 = denormalize(blurred.float()).clamp(0, 1)
-    sharp01 = denormalize(sharp.float()).clamp(0, 1)
-    return torch.stack(
-        [
-            psnr(restored01, sharp01).sum(),
-            ssim_per_image(restored01, sharp01).sum(),
-            psnr(blurred01, sharp01).sum(),
-            ssim_per_image(blurred01, sharp01).sum(),
-            torch.tensor(float(sharp.shape[0]), device=sharp.device),
-        ]
-    )
-
-
-def summarize(sums: torch.Tensor) -> dict[str, float]:
-    """Turn all-reduced :func:`restoration_sums` into means (NaN when no image was seen)."""
-    total = sums.double().cpu()
-    count = total[4].item()
-    mean = (total[:4] / count).tolist() if count else [float("nan")] * 4
-    return {
-        "psnr_restored": mean[0],
-        "ssim_restored": mean[1],
-        "psnr_blurred": mean[2],
-        "ssim_blurred": mean[3],
-        "images": int(count),
-    }

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from deblur.data import MEMBERS, PairOptions, RankPart, derived_seed
+from deblur.loading.contract import PairOptions, RankPart, derived_seed
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+from deblur.shard.format import PAIR_MEMBERS
 
 READER_NAME = "Reader"
 
@@ -32,7 +33,7 @@ def reader_shard(part: RankPart) -> tuple[int, int]:
 
 def default_hw_decoder_load(decode_threads: int) -> float:
     """Share of JPEGs for the GPU's hardware decoder, from the decode-only rates measured on one
-    H200 (issue 10, 178x218 JPEGs, pairs/s for load 0 / 0.65 / 1.0): 16 threads 18.3k / 16.1k /
+    H200 (BENCHMARKS.md, 178x218 JPEGs, pairs/s for load 0 / 0.65 / 1.0): 16 threads 18.3k / 16.1k /
     11.7k, 4 threads 5.8k / 14.5k / 15.3k. With many threads the CPU-assisted CUDA decoder
     alone is fastest; with few, the hardware engine should take everything; in between (not
     measured) DALI's own default split."""
@@ -47,12 +48,12 @@ def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool, hw_decoder_l
     blurred, sharp = fn.readers.webdataset(
         paths=[str(s.tar) for s in part.shards],
         index_paths=[str(s.idx) for s in part.shards],
-        ext=list(MEMBERS),
+        ext=list(PAIR_MEMBERS),
         # An undecodable or missing member must fail loudly, never be skipped.
         missing_component_behavior="error",
         shard_id=shard_id,
         num_shards=num_shards,
-        # Every rank keeps its own contiguous part each epoch (see deblur.data); padding makes
+        # Every rank keeps its own contiguous part each epoch (see deblur.loading.contract); padding makes
         # all parts the same whole number of batches, so every epoch starts at the start of the
         # part instead of wrapping into the next epoch's samples.
         stick_to_shard=True,
@@ -74,8 +75,9 @@ def _prepare(jpegs, image_size: int, gpu: bool, hw_decoder_load: float, mirror):
     images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
     # Triangular (linear + antialias) filter: the same as PIL's BILINEAR when downscaling, so
     # the torch backend matches it within JPEG-decoder tolerance.
-    images = fn.resize(images, resize_x=image_size, resize_y=image_size,
-                       interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.resize(
+        images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=True
+    )
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,

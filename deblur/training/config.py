@@ -50,7 +50,7 @@ class DataConfig(_Section):
     decode_threads: PositiveInt | None = None
     # DALI on a GPU only: share of JPEGs for the GPU's hardware JPEG engine, the rest decoded
     # with CUDA helped by the threads above. None = 0.0 with >= 12 threads, 1.0 with <= 4,
-    # 0.65 (DALI's default) between: measured on an H200 (deblur.dali_pipeline).
+    # 0.65 (DALI's default) between: measured on an H200 (deblur.loading.dali_graph).
     hw_decoder_load: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
@@ -59,7 +59,7 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    # Adam with beta1 = 0.5 is the usual GAN choice (DCGAN); the seed names no optimizer.
+    # Adam with beta1 = 0.5 is the usual GAN choice (DCGAN); the paper names no optimizer.
     g_lr: PositiveFloat = 2e-4
     d_lr: PositiveFloat = 2e-4
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
@@ -74,7 +74,7 @@ class LossConfig(_Section):
     # penalizes a global colour shift, which costs PSNR (measured on the demo: -1.35 dB of
     # drift after 100 steps with SSIM + adversarial alone). 0 gives the paper's exact loss.
     l1_weight: NonNegativeFloat = 1.0
-    g_updates_per_step: PositiveInt = 3  # the seed: three G updates per D update
+    g_updates_per_step: PositiveInt = 3  # the paper's: three G updates per D update
 
 
 class TrainConfig(_Section):
@@ -82,7 +82,7 @@ class TrainConfig(_Section):
     checkpoint_every: PositiveInt
     keep_checkpoints: PositiveInt = 3
     # auto = bf16 where the hardware has bf16 matrix units (recent GPUs; CPUs with AMX or
-    # AVX512-BF16), fp32 elsewhere; see deblur/hardware.py. The run logs what it chose and why.
+    # AVX512-BF16), fp32 elsewhere; see deblur/training/hardware.py. The run logs what it chose and why.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # torch.compile of G and D (in place: state-dict keys are unchanged, so checkpoints move
     # freely between compiled and eager runs). auto = on for CUDA, off on CPU.
@@ -147,10 +147,14 @@ _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    re.compile(
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
     list("-+0123456789."),
 )
 

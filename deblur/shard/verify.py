@@ -14,22 +14,29 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from deblur.blur import kernel_from_params, stored_blur
-from deblur.shard import stored_size
-from deblur.sources import SPLITS
-from deblur.tario import index_of_tar, sha256_file, split_name
+from deblur.files import sha256_file
+from deblur.shard.blur import kernel_from_params, stored_blur
+from deblur.shard.format import (
+    BLURRED,
+    MANIFEST,
+    META,
+    SAMPLE_MEMBERS,
+    SHARP,
+    SPLITS,
+    index_path,
+    split_name,
+    stored_size,
+)
+from deblur.shard.tario import index_of_tar
 
-MEMBERS = ("sharp.jpg", "blur.jpg", "json")
 
-
-def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str,
-                  store_size: int | None) -> list[str]:
+def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str, store_size: int | None) -> list[str]:
     where = f"{shard}: sample {key}"
-    if sorted(members) != sorted(MEMBERS):
-        return [f"{where}: members {sorted(members)}, expected {list(MEMBERS)}"]
+    if sorted(members) != sorted(SAMPLE_MEMBERS):
+        return [f"{where}: members {sorted(members)}, expected {list(SAMPLE_MEMBERS)}"]
     problems = []
     try:
-        meta = json.loads(members["json"])
+        meta = json.loads(members[META])
         if meta["key"] != key or meta["split"] != split:
             problems.append(f"{where}: json says key {meta['key']!r}, split {meta['split']!r}")
         kernel_from_params(meta["blur"])
@@ -37,11 +44,12 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str,
         size = tuple(meta["size"])
         source_size = tuple(meta.get("source_size", size))
         if size != stored_size(source_size, store_size):
-            problems.append(f"{where}: json size {size} is not source size {source_size} "
-                            f"stored at store_size {store_size}")
+            problems.append(
+                f"{where}: json size {size} is not source size {source_size} stored at store_size {store_size}"
+            )
     except (ValueError, KeyError, TypeError) as e:
         return problems + [f"{where}: bad json member: {type(e).__name__}: {e}"]
-    for ext in ("sharp.jpg", "blur.jpg"):
+    for ext in (SHARP, BLURRED):
         try:
             with Image.open(io.BytesIO(members[ext])) as im:
                 im.load()
@@ -52,15 +60,14 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str,
     return problems
 
 
-def _check_shard(path: Path, entry: dict, split: str, keys: set[str],
-                 store_size: int | None) -> list[str]:
+def _check_shard(path: Path, entry: dict, split: str, keys: set[str], store_size: int | None) -> list[str]:
     name = path.name
     if not path.is_file():
         return [f"{name}: missing"]
     problems = []
     if sha256_file(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest")
-    idx = path.with_suffix(".idx")
+    idx = index_path(path)
     try:
         expected_index = index_of_tar(path)
         if not idx.is_file():
@@ -87,15 +94,13 @@ def _check_shard(path: Path, entry: dict, split: str, keys: set[str],
 def verify(root: Path, progress: bool = True) -> list[str]:
     root = Path(root)
     try:
-        manifest = json.loads((root / "manifest.json").read_text())
+        manifest = json.loads((root / MANIFEST).read_text())
         entries = [(split, s) for split in SPLITS for s in manifest["splits"][split]["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{root / 'manifest.json'}: unreadable manifest: {type(e).__name__}: {e}"]
+        return [f"{root / MANIFEST}: unreadable manifest: {type(e).__name__}: {e}"]
     problems, keys = [], set()
-    for split, entry in tqdm(entries, unit="shard", desc=f"verifying {root.name}",
-                             disable=not progress):
-        problems += _check_shard(root / entry["name"], entry, split, keys,
-                                 manifest.get("store_size"))
+    for split, entry in tqdm(entries, unit="shard", desc=f"verifying {root.name}", disable=not progress):
+        problems += _check_shard(root / entry["name"], entry, split, keys, manifest.get("store_size"))
     listed = {e["name"] for _, e in entries}
     for path in sorted(root.glob("*.tar")):
         if path.name not in listed:
@@ -103,6 +108,7 @@ def verify(root: Path, progress: bool = True) -> list[str]:
     for split in SPLITS:
         total = sum(s["samples"] for s in manifest["splits"][split]["shards"])
         if total != manifest["splits"][split]["samples"]:
-            problems.append(f"manifest: {split} samples {manifest['splits'][split]['samples']} "
-                            f"!= sum over its shards {total}")
+            problems.append(
+                f"manifest: {split} samples {manifest['splits'][split]['samples']} != sum over its shards {total}"
+            )
     return problems

@@ -1,4 +1,4 @@
-"""``backend="dali"``: the pipeline of deblur.dali_pipeline behind the PairLoader interface.
+"""``backend="dali"``: the pipeline of deblur.loading.dali_graph behind the PairLoader interface.
 
 Epoch bookkeeping: the reader pads every rank's part to the longest part, ``ceil(N/W)`` samples,
 and then to a whole batch by repeating the last sample (``pad_last_batch``), so every rank's
@@ -7,7 +7,7 @@ reader epoch is ``ceil(ceil(N/W)/B)`` batches and the next epoch starts at the p
 * drop_last=True: the iterator runs with ``LastBatchPolicy.FILL``, so one iterator epoch is
   exactly one reader epoch. The loader yields its first ``(N//W)//B`` batches (equal on all
   ranks) and decodes-and-discards the rest (at most one batch, which holds the remainder and
-  the padding): the DROP policy of deblur.data. DALI's own DROP policy is not used because,
+  the padding): the DROP policy of deblur.loading.contract. DALI's own DROP policy is not used because,
   with parts of unequal length whose shorter one is a multiple of the batch size, it leaves
   the padded batch in the pipeline and the next epoch would start with it.
 * drop_last=False: ``LastBatchPolicy.PARTIAL``. With ``reader_name`` the iterator's epoch is
@@ -28,8 +28,9 @@ import re
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from deblur.dali_pipeline import READER_NAME, default_hw_decoder_load, pair_pipeline
-from deblur.data import PairOptions, Position, RankPart, ShardError, derived_seed, find_undecodable
+from deblur.loading.contract import PairOptions, Position, RankPart, derived_seed, find_undecodable
+from deblur.loading.dali_graph import READER_NAME, default_hw_decoder_load, pair_pipeline
+from deblur.shard.format import ShardError
 
 
 def dali_summary(message: str) -> str:
@@ -44,15 +45,23 @@ def dali_summary(message: str) -> str:
 class DaliPairLoader(Position):
     backend = "dali"
 
-    def __init__(self, part: RankPart, pairs: PairOptions, *, decode_threads: int | None = None,
-                 hw_decoder_load: float | None = None, **runtime):
+    def __init__(
+        self,
+        part: RankPart,
+        pairs: PairOptions,
+        *,
+        decode_threads: int | None = None,
+        hw_decoder_load: float | None = None,
+        **runtime,
+    ):
         super().__init__(part, pairs, **runtime)
         # One thread more than the cores it is given: between operators DALI's executor and
         # the iterator's copy run while the pool waits, and the spare thread keeps the cores
         # busy then (CPU loader +7 % on 2 cores, decode-only unchanged; BENCHMARKS.md).
         self.decode_threads = decode_threads or self.num_workers + 1
-        self.hw_decoder_load = (default_hw_decoder_load(self.decode_threads)
-                                if hw_decoder_load is None else hw_decoder_load)
+        self.hw_decoder_load = (
+            default_hw_decoder_load(self.decode_threads) if hw_decoder_load is None else hw_decoder_load
+        )
         self._checkpoint: bytes | None = None  # restored DALI state, used by the next build
         self._iterator: DALIGenericIterator | None = None
 
@@ -74,8 +83,11 @@ class DaliPairLoader(Position):
         policy = LastBatchPolicy.FILL if self.part.drop_last else LastBatchPolicy.PARTIAL
         try:
             return DALIGenericIterator(
-                [pipe], ["blurred", "sharp"], reader_name=READER_NAME,
-                last_batch_policy=policy, auto_reset=True,
+                [pipe],
+                ["blurred", "sharp"],
+                reader_name=READER_NAME,
+                last_batch_policy=policy,
+                auto_reset=True,
             )
         except RuntimeError as error:
             raise self._shard_error(error) from error

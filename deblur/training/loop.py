@@ -1,0 +1,131 @@
+"""The training loop: ``accelerate launch launch/train.py --config configs/ddp.yaml [key=value ...]``.
+
+Read :func:`train` top to bottom: set up Accelerate, models, optimizers and the per-rank
+loaders; resume from the newest checkpoint in ``output_dir`` that verifies; then repeat GAN
+steps (:meth:`deblur.training.gan.GanStep.step`), logging, validating, checkpointing, until
+``train.max_steps`` or a stop signal; finally write ``generator.safetensors`` and
+``metrics.json`` (test split). Each of those is a named piece in its own module of
+``deblur/training/``.
+
+Determinism: every rank seeds the same way before building the models, so all replicas start
+identical (DDP would broadcast rank 0's weights anyway); the training step itself draws no
+random numbers, and the loaders are seeded and resumable, so a resumed run replays exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from deblur.training.checkpoint import remove_partial_saves, resume_checkpoint, save_checkpoint, step_dir_name
+from deblur.training.config import Config, dump_config
+from deblur.training.feed import Feed
+from deblur.training.meter import Meter, Throughput, interval_scalars
+from deblur.training.outputs import final_outputs
+from deblur.training.setup import build_accelerator, build_loader, build_models
+from deblur.training.stop import StopRequest
+from deblur.training.tracking import Log, init_tracking
+from deblur.training.validation import validate_and_sample
+
+
+def train(cfg: Config) -> str:
+    """Run (or resume) training. Returns "finished" or "stopped" (signal; checkpoint saved)."""
+    accelerator = build_accelerator(cfg)
+    stop = StopRequest()
+    torch.backends.cudnn.benchmark = True  # fixed 64x64 shapes: let cuDNN pick its fastest kernels
+    checkpoints, config_yaml = cfg.output_dir / "checkpoints", dump_config(cfg)
+    prepare_output_dir(accelerator, cfg.output_dir, checkpoints, config_yaml)
+
+    gan = build_models(cfg, accelerator)
+    train_loader = build_loader(cfg, accelerator, "train", train=True)
+    if train_loader is None:
+        raise ValueError(f"{cfg.data.shards}: the train split is empty")
+    val_loader = build_loader(cfg, accelerator, "val", train=False)
+    step, counters = resume(accelerator, checkpoints, train_loader, config_yaml)
+
+    init_tracking(cfg, accelerator)
+    log = Log(cfg, accelerator)
+    meter = Meter(cfg.train.max_consecutive_skips, **counters)
+    updates_per_step = 1 + cfg.loss.g_updates_per_step
+    record = cfg.output_dir / f"batches-rank{accelerator.process_index}.jsonl" if cfg.train.record_batches else None
+    feed = Feed(train_loader, updates_per_step, record)
+    throughput = Throughput(updates_per_step * cfg.data.batch_size)
+    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    stopped = False
+    while step < cfg.train.max_steps:
+        feed.step = step
+        meter.add(gan.step(feed))
+        step += 1
+        throughput.step()
+        progress.update(1)
+        last = step == cfg.train.max_steps
+
+        if step % cfg.train.log_every == 0 or last:
+            meter.read(step)
+            scalars = interval_scalars(gan, meter, feed, accelerator, *throughput.interval())
+            log.scalars(scalars, step)
+            progress.set_postfix(
+                g=f"{scalars.get('g/loss', float('nan')):.3f}",
+                d=f"{scalars.get('d/loss', float('nan')):.3f}",
+                img_s=f"{scalars['perf/images_per_s']:.0f}",
+            )
+            throughput.restart()
+            feed.wait = 0.0
+
+        with throughput.paused():  # validation and checkpoints do not count against images/s
+            if val_loader is not None and (step % cfg.train.eval_every == 0 or last):
+                validate_and_sample(
+                    accelerator, gan, val_loader, log, step, cfg.output_dir / "samples", cfg.train.sample_images
+                )
+            stopped = stop.agreed(accelerator)
+            if stopped or step % cfg.train.checkpoint_every == 0 or last:
+                meter.read(step)
+                save_checkpoint(
+                    accelerator,
+                    checkpoints,
+                    step,
+                    train_loader.state_dict(),
+                    meter.counters(),
+                    config_yaml,
+                    keep=cfg.train.keep_checkpoints,
+                )
+        if stopped:
+            accelerator.print(
+                f"stop signal: saved {checkpoints / step_dir_name(step)}; rerun the same command to resume"
+            )
+            break
+    progress.close()
+
+    if not stopped:  # the last step was checkpointed in the loop (or resumed from)
+        final_outputs(cfg, accelerator, gan, log, step)
+    accelerator.end_training()
+    return "stopped" if stopped else "finished"
+
+
+def prepare_output_dir(accelerator: Accelerator, out: Path, checkpoints: Path, config_yaml: str) -> None:
+    """Create ``output_dir``, drop unfinished checkpoint saves of a killed run, write config.yaml."""
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(checkpoints)
+        (out / "config.yaml").write_text(config_yaml)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, checkpoints: Path, train_loader, config_yaml: str) -> tuple[int, dict[str, int]]:
+    """(step, skip counters) of the newest checkpoint that verifies, its loader position restored;
+    (0, {}) for a fresh run. Works on any number of processes (deblur/training/checkpoint.py
+    says what carries over)."""
+    resumed = resume_checkpoint(accelerator, checkpoints, train_loader.state_dict())
+    if resumed is None:
+        return 0, {}
+    train_loader.load_state_dict(resumed.loader_state)
+    if (resumed.path / "config.yaml").read_text() != config_yaml:
+        accelerator.print(f"warning: the config differs from the one saved in {resumed.path}")
+    for line in resumed.report:
+        accelerator.print(line)
+    counters = {k: resumed.trainer_state[k] for k in ("skipped_total", "consecutive_skips")}
+    return resumed.trainer_state["step"], counters
