@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The end-to-end demo on the built-in demo photographs (no download, CPU only, 2 cores, ~15 min):
+# The end-to-end demo on the built-in demo photographs (no download, CPU only, 2 cores; about
+# 3 minutes on a CPU with bf16 units, about 8 without them, see README.md):
 #   bash launch/demo.sh
 # 1. build the demo shards, 2. train briefly with 2 DDP processes on the CPU (gloo),
 # 3. score the generator against the blurred input and classical deconvolution on the held-out
-# test photographs, 4. say where the sample grid, the metrics and the W&B offline run are.
+# test crops, 4. say where the sample grid, the metrics and the W&B offline run are.
 # Running it again reuses the shards and the finished run (training resumes at its last
 # checkpoint, so it stops at once); delete runs/demo to train afresh.
 set -euo pipefail
