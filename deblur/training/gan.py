@@ -17,7 +17,8 @@ Why one concatenated D forward (in both updates):
 - DDP: a BatchNorm module wrapped in DDP and called twice before one backward fails on CUDA
   with an in-place modification error (DDP re-broadcasts the BN buffers at each forward; CPU
   does not catch it). One forward per backward cannot hit it. The trainer also wraps both
-  models with ``broadcast_buffers=False``: D's running statistics are never used (D always runs
+  models without the per-forward buffer broadcast (``forward_sync_buffers=False``, formerly
+  ``broadcast_buffers=False``; deblur/training/setup.py): D's running statistics are never used (D always runs
   in training mode), so there is nothing worth broadcasting.
 - One forward and one gradient all-reduce per D update instead of two.
 
