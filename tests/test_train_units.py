@@ -7,7 +7,7 @@ import torch
 
 from deblur.models import Discriminator
 from deblur.norm import normalize
-from deblur.training.checkpoint import complete_checkpoints, latest_checkpoint, remove_partial_saves, step_dir_name
+from deblur.training.checkpoint import complete_checkpoints, remove_partial_saves, step_dir_name
 from deblur.training.gan import bce_towards, frozen, ssim_loss
 from deblur.training.validation import summarize
 
@@ -19,23 +19,28 @@ def make_checkpoint(root, step):
     return path
 
 
-def test_latest_checkpoint_ignores_partial_saves_and_set_aside_ones(tmp_path):
-    assert latest_checkpoint(tmp_path / "missing") is None
+def newest(checkpoints):
+    found = complete_checkpoints(checkpoints)
+    return found[-1][1] if found else None
+
+
+def test_newest_checkpoint_ignores_partial_saves_and_set_aside_ones(tmp_path):
+    assert newest(tmp_path / "missing") is None
     make_checkpoint(tmp_path, 100)
-    newest = make_checkpoint(tmp_path, 200)
+    latest = make_checkpoint(tmp_path, 200)
     (tmp_path / ".tmp-step-0000400").mkdir()  # a save that never finished
     (tmp_path / "corrupt-step-0000300").mkdir()  # set aside as damaged
-    assert latest_checkpoint(tmp_path) == newest
+    assert newest(tmp_path) == latest
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [100, 200]
     remove_partial_saves(tmp_path)
-    assert not (tmp_path / ".tmp-step-0000400").exists() and newest.exists()
+    assert not (tmp_path / ".tmp-step-0000400").exists() and latest.exists()
     assert (tmp_path / "corrupt-step-0000300").exists()
 
 
 def test_step_dirs_sort_numerically_past_seven_digits(tmp_path):
     make_checkpoint(tmp_path, 9_999_999)
     big = make_checkpoint(tmp_path, 10_000_000)
-    assert latest_checkpoint(tmp_path) == big
+    assert newest(tmp_path) == big
 
 
 def test_ssim_loss_is_zero_for_identical_images_and_grows_with_blur():

@@ -79,11 +79,6 @@ def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    found = complete_checkpoints(checkpoints)
-    return found[-1][1] if found else None
-
-
 def remove_partial_saves(checkpoints: Path) -> None:
     """Delete ``.tmp-*`` folders left by a save that was killed. Main process only."""
     if checkpoints.is_dir():

@@ -9,7 +9,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from deblur.training.config import Config
-from deblur.training.hardware import resolve_compile, resolve_precision
+from deblur.training.hardware import resolve_compile
 
 
 def init_tracking(cfg: Config, accelerator: Accelerator) -> None:
@@ -33,7 +33,7 @@ def init_tracking(cfg: Config, accelerator: Accelerator) -> None:
     if cfg.wandb.entity:
         init["entity"] = cfg.wandb.entity
     resolved = {
-        "mixed_precision": resolve_precision(cfg.train.mixed_precision, accelerator.device)[0],
+        "mixed_precision": accelerator.mixed_precision,  # what setup.build_accelerator chose
         "compile": resolve_compile(cfg.train.compile, accelerator.device)[0],
         "device": str(accelerator.device),
     }
