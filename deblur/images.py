@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from deblur.errors import InputError
+
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
 # PIL's own default (about 89 Mpx); a larger image is refused as a likely decompression bomb.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 _EXIF_ORIENTATION = 0x0112
 
 
-class ImageError(ValueError):
+class ImageError(InputError, ValueError):
     """An input image that cannot be used: "<file>: <category>: <details>"."""
 
 

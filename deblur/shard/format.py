@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from deblur.errors import InputError
+
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 INDEX_VERSION = "v1.2"  # the wds2idx format version DALI's webdataset reader reads
@@ -31,7 +33,7 @@ SAMPLE_MEMBERS = (SHARP, BLURRED, META)  # every sample's members, in the order 
 PAIR_MEMBERS = (BLURRED, SHARP)  # the image members the loaders read, in output order
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError, RuntimeError):
     """A shard (tar or its index) is missing, truncated, corrupt or holds an undecodable member."""
 
 

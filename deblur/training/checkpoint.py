@@ -45,6 +45,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from deblur.errors import InputError
 from deblur.files import sha256_file, write_atomic
 
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -53,7 +54,7 @@ MANIFEST = "manifest.json"
 SET_ASIDE = "corrupt-"  # prefix of damaged checkpoints; STEP_DIR does not match it
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """Checkpoints exist but none can be resumed from."""
 
 

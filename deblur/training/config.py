@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deblur.errors import InputError
+
 # Paths come from YAML as strings; everything else is strict.
 LoosePath = Annotated[Path, Field(strict=False)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -27,7 +29,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config file or override is invalid; the message names the file and the dotted key."""
 
 
