@@ -7,6 +7,7 @@ regular files, and one consistent count of skipped files.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 
 from deblur.shard.build import fingerprint, main
 from deblur.shard.settings import BuildSettings
-from deblur.shard.sources import Item, Shard
+from deblur.shard.sources import Item, Shard, list_files
 from deblur.shard.work import read_input
 from tests.conftest import TINY_IMAGES, write_photo_folder
 
@@ -298,6 +299,20 @@ def test_a_pipe_put_in_place_after_the_listing_is_not_read(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(b"bytes")
     assert read_input(str(tmp_path / "ok.jpg")) == b"bytes"
     assert read_input(str(tmp_path / "gone.jpg")) == "cannot read: No such file or directory"
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # chmod 000 does not stop root, and tests may run as root
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert list_files(tmp_path) == (["a.jpg"], [{"path": "locked/", "reason": "cannot read folder: Permission denied"}])
 
 
 # ----------------------------------------------------------------------------- one count of skipped files
