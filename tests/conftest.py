@@ -15,6 +15,7 @@ from PIL import Image
 
 from deblur.shard import demo
 from deblur.shard.build import build_shards
+from deblur.shard.settings import BuildSettings
 
 TINY_IMAGES = 48
 TINY_SHARD_SIZE = 8
@@ -42,6 +43,11 @@ def write_photo_folder(folder: Path, n: int, *, quality: int = 95) -> list[Path]
     return paths
 
 
+def dataset_files(root: Path) -> dict[str, bytes]:
+    """Every published file of a dataset (tars, idx, manifest), by name."""
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
 @pytest.fixture(scope="session")
 def tiny_photo_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_photos")
@@ -53,7 +59,7 @@ def tiny_photo_folder(tmp_path_factory) -> Path:
 def tiny_shards(tmp_path_factory, tiny_photo_folder) -> Path:
     """A built dataset: ~48 samples, several train shards of <= 8, non-empty val and test."""
     out = tmp_path_factory.mktemp("tiny_shards")
-    manifest = build_shards(tiny_photo_folder, out, **TINY_OPTIONS)
+    manifest = build_shards(BuildSettings(src=tiny_photo_folder, out=out, **TINY_OPTIONS))
     assert len(manifest["splits"]["train"]["shards"]) >= 2
     assert manifest["splits"]["val"]["samples"] > 0 and manifest["splits"]["test"]["samples"] > 0
     return out
@@ -63,5 +69,5 @@ def tiny_shards(tmp_path_factory, tiny_photo_folder) -> Path:
 def small_shards(tmp_path_factory, tiny_photo_folder) -> Path:
     """``tiny_shards``' build with both members stored downscaled (``--store-size 64``)."""
     out = tmp_path_factory.mktemp("small_shards")
-    build_shards(tiny_photo_folder, out, store_size=SMALL_STORE_SIZE, **TINY_OPTIONS)
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, store_size=SMALL_STORE_SIZE, **TINY_OPTIONS))
     return out

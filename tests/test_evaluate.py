@@ -54,10 +54,20 @@ def test_limit_and_a_generator_that_changes_the_image(tiny_shards, tmp_path, cap
 
 def test_empty_split_and_missing_folder_are_named(tiny_photo_folder, tmp_path, identity_weights, capsys):
     from deblur.shard.build import build_shards
+    from deblur.shard.settings import BuildSettings
 
     out = tmp_path / "no_val"
     build_shards(
-        tiny_photo_folder, out, val_fraction=0.0, test_fraction=0.2, shard_size=64, workers=1, limit=6, progress=False
+        BuildSettings(
+            src=tiny_photo_folder,
+            out=out,
+            val_fraction=0.0,
+            test_fraction=0.2,
+            shard_size=64,
+            workers=1,
+            limit=6,
+            progress=False,
+        )
     )
     assert main(["--weights", str(identity_weights), "--shards", str(out), "--split", "val"]) == 2
     assert "split 'val' has no shards" in capsys.readouterr().err

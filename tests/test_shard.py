@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deblur.errors import InputError
 from deblur.shard.blur import apply_blur
 from deblur.shard.build import build_shards
 from deblur.shard.format import SPLITS
+from deblur.shard.settings import BuildSettings
 from tests.conftest import TINY_IMAGES, TINY_SHARD_SIZE
 
 
@@ -91,8 +93,8 @@ def test_read_back_with_dali_cpu(tiny_shards: Path):
 
 
 def test_same_build_twice_is_byte_identical_and_worker_count_free(tiny_photo_folder, tmp_path):
-    a = build_shards(tiny_photo_folder, tmp_path / "a", shard_size=16, workers=1, progress=False)
-    b = build_shards(tiny_photo_folder, tmp_path / "b", shard_size=16, workers=2, progress=False)
+    a = build_shards(BuildSettings(src=tiny_photo_folder, out=tmp_path / "a", shard_size=16, workers=1, progress=False))
+    b = build_shards(BuildSettings(src=tiny_photo_folder, out=tmp_path / "b", shard_size=16, workers=2, progress=False))
     assert a == b
     names = [p.name for p in all_shards(tmp_path / "a")]
     assert names == [p.name for p in all_shards(tmp_path / "b")]
@@ -101,8 +103,8 @@ def test_same_build_twice_is_byte_identical_and_worker_count_free(tiny_photo_fol
 
 
 def test_missing_src_and_empty_folder_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
-        build_shards(tmp_path / "nope", tmp_path / "out", progress=False)
+    with pytest.raises(InputError, match="nope: not found"):
+        build_shards(BuildSettings(src=tmp_path / "nope", out=tmp_path / "out", progress=False))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images"):
-        build_shards(tmp_path / "empty", tmp_path / "out", progress=False)
+    with pytest.raises(InputError, match="no images"):
+        build_shards(BuildSettings(src=tmp_path / "empty", out=tmp_path / "out", progress=False))

@@ -15,6 +15,7 @@ from PIL import Image
 
 from deblur.images import ImageError, decode_rgb, load_rgb
 from deblur.shard.build import build_shards, main
+from deblur.shard.settings import BuildSettings
 from tests.conftest import photo_crops
 
 
@@ -108,7 +109,16 @@ def messy_build(messy_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("messy_out")
     # 150 000 px: the 400x400 "bomb" is over it, the photo crops (178x218) are under.
     manifest = build_shards(
-        messy_folder, out, val_fraction=0, test_fraction=0, shard_size=5, workers=2, progress=False, max_pixels=150_000
+        BuildSettings(
+            src=messy_folder,
+            out=out,
+            val_fraction=0,
+            test_fraction=0,
+            shard_size=5,
+            workers=2,
+            progress=False,
+            max_pixels=150_000,
+        )
     )
     samples = {}
     for shard in manifest["splits"]["train"]["shards"]:
@@ -197,7 +207,9 @@ def test_key_collisions_stay_unique(tmp_path):
     im = photo_crops(1)[0]
     for rel in ("a/b.jpg", "a_b.jpg", "a/b.png", "c.d.jpg"):
         (src / rel).write_bytes(encode(im, "PNG" if rel.endswith("png") else "JPEG"))
-    manifest = build_shards(src, tmp_path / "out", val_fraction=0, test_fraction=0, workers=1, progress=False)
+    manifest = build_shards(
+        BuildSettings(src=src, out=tmp_path / "out", val_fraction=0, test_fraction=0, workers=1, progress=False)
+    )
     with tarfile.open(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["name"]) as t:
         metas = [json.loads(t.extractfile(m).read()) for m in t if m.name.endswith(".json")]
     keys = {m["source"]: m["key"] for m in metas}

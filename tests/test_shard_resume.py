@@ -16,21 +16,18 @@ import pytest
 from deblur import files
 from deblur.shard import build as shard_module
 from deblur.shard.build import build_shards, main
+from deblur.shard.settings import BuildSettings
 from deblur.shard.verify import verify
+from tests.conftest import dataset_files
 
 ENV = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 OPTS = dict(seed=3, val_fraction=0.2, test_fraction=0.2, shard_size=6, workers=1, progress=False)
 
 
-def dataset_files(root: Path) -> dict[str, bytes]:
-    """Every published file of a dataset (tars, idx, manifest), by name."""
-    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_photo_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    build_shards(tiny_photo_folder, out, **OPTS)
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, **OPTS))
     return out
 
 
@@ -45,14 +42,14 @@ def test_idx_matches_dalis_wds2idx(tiny_shards: Path, tmp_path):
 
 def test_resume_after_kill_finishes_identically(tiny_photo_folder, reference, tmp_path, capsys):
     out = tmp_path / "out"
-    build_shards(tiny_photo_folder, out, **OPTS)
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, **OPTS))
     # A kill mid-build: one shard never published, one caught while writing, no manifest.
     (out / "train-000001.tar").unlink()
     (out / "train-000002.tar").rename(out / "train-000002.tar.partial")
     (out / "manifest.json").unlink()
     untouched = (out / "train-000000.tar").stat().st_mtime_ns
     capsys.readouterr()
-    build_shards(tiny_photo_folder, out, **OPTS)
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, **OPTS))
     assert "resuming:" in capsys.readouterr().err
     assert (out / "train-000000.tar").stat().st_mtime_ns == untouched  # not rebuilt
     assert dataset_files(out) == dataset_files(reference)
@@ -71,20 +68,20 @@ def test_kill_while_publishing_leaves_no_complete_looking_tar(tiny_photo_folder,
 
     monkeypatch.setattr(files.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        build_shards(tiny_photo_folder, out, **OPTS)
+        build_shards(BuildSettings(src=tiny_photo_folder, out=out, **OPTS))
     monkeypatch.setattr(files.os, "replace", real_replace)
     tars = sorted(p.name for p in out.glob("*.tar"))
     assert len(tars) == 2 and not (out / "manifest.json").exists()
-    assert len(list(out.glob("*.tar.partial"))) == 1
-    build_shards(tiny_photo_folder, out, **OPTS)
+    assert not list(out.glob("*.partial"))  # the interrupted write cleaned up after itself
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, **OPTS))
     assert dataset_files(out) == dataset_files(reference)
 
 
 def test_changed_settings_rebuild_everything(tiny_photo_folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    build_shards(tiny_photo_folder, out, **OPTS)
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, **OPTS))
     fresh = tmp_path / "fresh"
-    build_shards(tiny_photo_folder, fresh, **(OPTS | {"seed": 4}))
+    build_shards(BuildSettings(src=tiny_photo_folder, out=fresh, **(OPTS | {"seed": 4})))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed")
@@ -92,28 +89,28 @@ def test_changed_settings_rebuild_everything(tiny_photo_folder, tmp_path, monkey
     with monkeypatch.context() as m:  # killed before the first new shard is published
         m.setattr(shard_module, "write_shard", killed)
         with pytest.raises(KeyboardInterrupt):
-            build_shards(tiny_photo_folder, out, **(OPTS | {"seed": 4}))
+            build_shards(BuildSettings(src=tiny_photo_folder, out=out, **(OPTS | {"seed": 4})))
     assert not (out / "manifest.json").exists()  # the old manifest no longer vouches for it
-    build_shards(tiny_photo_folder, out, **(OPTS | {"seed": 4}))
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, **(OPTS | {"seed": 4})))
     assert dataset_files(out) == dataset_files(fresh)
 
 
 def test_parts_combine_into_the_same_dataset(tiny_photo_folder, reference, tmp_path):
     same = tmp_path / "same"  # all parts into one (shared) folder
     for i in range(3):
-        result = build_shards(tiny_photo_folder, same, part=f"{i}/3", **OPTS)
+        result = build_shards(BuildSettings(src=tiny_photo_folder, out=same, part=f"{i}/3", **OPTS))
         assert ("complete" not in result) == (i == 2)
     assert dataset_files(same) == dataset_files(reference)
 
     merged = tmp_path / "merged"  # parts on separate machines, folders copied together
     for i in range(2):
-        build_shards(tiny_photo_folder, tmp_path / f"p{i}", part=(i, 2), **OPTS)
+        build_shards(BuildSettings(src=tiny_photo_folder, out=tmp_path / f"p{i}", part=(i, 2), **OPTS))
         shutil.copytree(tmp_path / f"p{i}", merged, dirs_exist_ok=True)
     assert not (merged / "manifest.json").exists()
-    build_shards(tiny_photo_folder, merged, **OPTS)  # builds nothing, writes the manifest
+    build_shards(BuildSettings(src=tiny_photo_folder, out=merged, **OPTS))  # builds nothing, writes the manifest
     assert dataset_files(merged) == dataset_files(reference)
     with pytest.raises(ValueError, match="0 <= I < N"):
-        build_shards(tiny_photo_folder, merged, part="3/3", **OPTS)
+        build_shards(BuildSettings(src=tiny_photo_folder, out=merged, part="3/3", **OPTS))
 
 
 def test_verify_accepts_a_good_dataset(reference, capsys):

@@ -18,6 +18,7 @@ from deblur.images import decode_rgb
 from deblur.loading.loader import make_loader
 from deblur.shard.blur import apply_blur, stored_blur
 from deblur.shard.build import build_shards, main
+from deblur.shard.settings import BuildSettings
 from tests.conftest import SMALL_STORE_SIZE, TINY_IMAGES, TINY_OPTIONS
 from tests.test_data import assert_backends_agree
 
@@ -81,7 +82,9 @@ def test_stored_blur_scales_lengths_not_angles():
 
 def test_build_is_deterministic_and_verifies(small_shards, tiny_photo_folder, tmp_path, capsys):
     again = tmp_path / "again"
-    build_shards(tiny_photo_folder, again, store_size=SMALL_STORE_SIZE, **(TINY_OPTIONS | {"workers": 2}))
+    build_shards(
+        BuildSettings(src=tiny_photo_folder, out=again, store_size=SMALL_STORE_SIZE, **(TINY_OPTIONS | {"workers": 2}))
+    )
     names = sorted(p.name for p in small_shards.iterdir() if p.suffix in (".tar", ".idx", ".json"))
     assert names == sorted(p.name for p in again.iterdir() if p.suffix in (".tar", ".idx", ".json"))
     for name in names:
@@ -105,8 +108,8 @@ def test_verify_flags_a_size_that_does_not_match_the_store_size(small_shards, tm
 def test_a_rerun_with_another_store_size_rebuilds(tiny_photo_folder, tmp_path):
     options = TINY_OPTIONS | {"shard_size": 64}
     out = tmp_path / "out"
-    build_shards(tiny_photo_folder, out, limit=4, store_size=32, **options)
-    build_shards(tiny_photo_folder, out, limit=4, **options)  # full size now: nothing reused
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, limit=4, store_size=32, **options))
+    build_shards(BuildSettings(src=tiny_photo_folder, out=out, limit=4, **options))  # full size now: nothing reused
     meta = next(meta for meta, _, _ in samples(out))
     assert meta["size"] == meta["source_size"] == [178, 218]
 
@@ -141,10 +144,8 @@ def test_small_and_full_size_shards_give_nearly_the_same_training_pixels(small_s
 
 @pytest.mark.parametrize("value", ["0", "-3", "abc"])
 def test_invalid_store_size_is_a_clear_error(value, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["--demo", "--out", str(tmp_path / "out"), f"--store-size={value}"])
-    assert exit_.value.code == 2
-    assert "argument --store-size" in capsys.readouterr().err
+    assert main(["--demo", "--out", str(tmp_path / "out"), f"--store-size={value}"]) == 2
+    assert capsys.readouterr().err.startswith("error: --store-size: must be ")
     assert not (tmp_path / "out").exists()
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from deblur.models import Generator
 from deblur.shard.build import build_shards
 from deblur.shard.format import manifest_split
+from deblur.shard.settings import BuildSettings
 from deblur.training.checkpoint import state_digest, verify_checkpoint
 from deblur.training.config import load_config
 
@@ -223,7 +224,16 @@ def test_losses_fall_when_overfitting(tiny_photo_folder, tmp_path):
     # SSIM loss must fall steadily and D must learn to tell restored from sharp.
     shards = tmp_path / "four"
     manifest = build_shards(
-        tiny_photo_folder, shards, val_fraction=0.05, test_fraction=0, shard_size=8, workers=1, limit=5, progress=False
+        BuildSettings(
+            src=tiny_photo_folder,
+            out=shards,
+            val_fraction=0.05,
+            test_fraction=0,
+            shard_size=8,
+            workers=1,
+            limit=5,
+            progress=False,
+        )
     )
     # The hash split of these five keys puts one in val: fewer val images than processes.
     assert [manifest["splits"][s]["samples"] for s in ("train", "val", "test")] == [4, 1, 0]

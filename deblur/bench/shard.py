@@ -21,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from deblur.errors import InputError, run_main
 from deblur.shard import demo
 from deblur.shard.build import build_shards
+from deblur.shard.settings import BuildSettings
 
 
 def demo_folder(folder: Path, images: int) -> Path:
@@ -39,11 +41,16 @@ def demo_folder(folder: Path, images: int) -> Path:
 def timed_build(src: Path, out: Path, images: int, workers: int) -> tuple[float, float, dict]:
     """(wall seconds, this process's CPU seconds, manifest) of one fresh build."""
     cpu0, t0 = time.process_time(), time.perf_counter()
-    manifest = build_shards(src, out, limit=images, workers=workers, progress=False)
+    manifest = build_shards(BuildSettings(src=src, out=out, limit=images, workers=workers, progress=False))
     return time.perf_counter() - t0, time.process_time() - cpu0, manifest
 
 
 def main(argv: list[str] | None = None) -> None:
+    if status := run_main(lambda: _main(argv)):  # a bad option or a failed build: one line, its exit status
+        raise SystemExit(status)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m deblur.bench shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         "fastest of each (use 3+ on a shared machine)",
     )
     args = p.parse_args(argv)
+    for name in ("images", "workers", "repeat"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    if args.src is not None and not args.src.is_dir():
+        raise InputError(f"--src {args.src}: not a folder")
 
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
         tmp = Path(tmp)

@@ -202,10 +202,11 @@ def main(argv: list[str]) -> None:
             args.shards = Path("shards/demo")
             if not (args.shards / MANIFEST).exists():
                 from deblur.shard.build import build_shards
+                from deblur.shard.settings import BuildSettings
 
                 args.shards = Path(tmp) / "demo"
                 print(f"building demo shards in {args.shards} (pass --shards to use your own)", file=sys.stderr)
-                build_shards(None, args.shards, demo=True)
+                build_shards(BuildSettings(out=args.shards, demo=True))
         results, flops, shipped = [], None, None
         for precision in args.precisions.split(","):
             cmd = [

@@ -27,29 +27,39 @@ import hashlib
 import math
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from scipy import fft
 
 BLUR_TYPES = ("gaussian", "motion")
 
 
 class BlurConfig(BaseModel):
-    """How blur parameters are drawn. Ranges are at the 64-px reference resolution."""
+    """How blur parameters are drawn. Ranges are at the 64-px reference resolution.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Its fields are also the builder's options (deblur/shard/settings.py): ``--motion-fraction``,
+    ``--sigma-range LO HI``, ``--motion-length-range LO HI``.
+    """
 
-    motion_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    sigma_range: tuple[float, float] = (1.6, 2.6)
-    motion_length_range: tuple[float, float] = (7.0, 12.0)
-    reference_size: int = Field(64, gt=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    @model_validator(mode="after")
-    def _ranges_ordered(self) -> BlurConfig:
-        for name in ("sigma_range", "motion_length_range"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
-        return self
+    # The resolution the ranges are given at: fixed, not an option (the ranges scale with it).
+    reference_size: int = Field(64, gt=0, json_schema_extra={"cli": False})
+    motion_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of samples with motion blur")
+    sigma_range: tuple[float, float] = Field((1.6, 2.6), description="Gaussian sigma range in px at 64-px scale")
+    motion_length_range: tuple[float, float] = Field(
+        (7.0, 12.0), description="motion length range in px at 64-px scale"
+    )
+
+    @field_validator("sigma_range", "motion_length_range")
+    @classmethod
+    def _range(cls, value: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        # A blur wider than the image is no photograph's blur, and its kernel (4 sigma each
+        # side, scaled up to the source size) could take gigabytes.
+        lo, hi = value
+        top = info.data.get("reference_size", 64)
+        if not 0 < lo <= hi <= top:
+            raise ValueError(f"must satisfy 0 < LO <= HI <= {top} (px at {top}-px scale), got {lo:g} {hi:g}")
+        return value
 
 
 def rng_for(seed: int, key: str) -> np.random.Generator:

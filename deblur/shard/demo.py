@@ -69,6 +69,9 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 def materialize(folder: Path) -> Path:
     """Write the demo crops and their partition file into ``folder`` (idempotent); return it."""
     folder.mkdir(parents=True, exist_ok=True)
+    # A killed or failed earlier run's half-written crop would be listed as a source image.
+    for leftover in folder.glob("*.partial"):
+        leftover.unlink()
     lines = []
     for name, code, im in crops():
         buf = io.BytesIO()

@@ -2,9 +2,10 @@
 
 A dataset folder holds, per split, ``{split}-NNNNNN.tar`` WebDataset tars, a DALI ``wds2idx``
 index beside each (same name, ``.idx``) and ``manifest.json``, which lists every split's shards
-with their sample counts and sha256. Readers take a split's shards from the manifest, never
-from the folder listing: a split may have no shards, and a shard whose every input was unusable
-is not written, leaving a gap in the numbering.
+with their sample counts, the tar's ``sha256`` and the index's ``index_sha256`` (manifests
+written before that key existed lack it; readers treat it as optional). Readers take a split's
+shards from the manifest, never from the folder listing: a split may have no shards, and a
+shard whose every input was unusable is not written, leaving a gap in the numbering.
 
 Each sample is three members named ``<key>.<ext>``: ``sharp.jpg``, ``blur.jpg`` and ``json``.
 The key is everything before the first dot of the member's base name (how ``wds2idx``, DALI
@@ -24,6 +25,7 @@ from deblur.errors import InputError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+FORMAT = "deblur-shards/1"  # manifest["format"]
 INDEX_VERSION = "v1.2"  # the wds2idx format version DALI's webdataset reader reads
 
 SHARP = "sharp.jpg"

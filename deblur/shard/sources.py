@@ -1,7 +1,9 @@
 """Which files go into which shard: discovery, keys, the train/val/test split, the shuffle.
 
 Everything here is a pure function of the folder listing and the settings, so every run (and
-every ``--part``) computes the same plan without decoding a single image.
+every ``--part``) computes the same plan without decoding a single image. Only regular files are
+inputs: a named pipe, socket or device (which a read would block on or never finish) is skipped
+with a reason, as is a symlink to a folder (not followed) and a folder that cannot be listed.
 """
 
 from __future__ import annotations
@@ -9,16 +11,26 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from deblur.errors import InputError
 from deblur.shard.format import SPLITS, shard_name
 
 PARTITION_FILE = "list_eval_partition.txt"  # CelebA's official split: 0=train, 1=val, 2=test
 _PARTITION_SPLITS = {"0": "train", "1": "val", "2": "test"}
 _MAX_KEY = 80  # + ".sharp.jpg" stays within a USTAR name (100 chars)
+NOT_REGULAR = "not a regular file"
+_KINDS = (
+    (stat.S_ISDIR, "a folder behind a symlink (not followed)"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 @dataclass(frozen=True)
@@ -37,24 +49,99 @@ class Shard:
     items: tuple[Item, ...]
 
 
-def list_files(src: Path, exclude: Path | None = None) -> list[str]:
-    """Relative paths of every non-hidden file under ``src``, sorted; partition file excluded.
+@dataclass(frozen=True)
+class Inputs:
+    """What a source offers: the candidates, what was refused before decoding, the split rule."""
 
-    ``exclude`` (the output folder, when it lies inside ``src``) is not searched.
+    items: list[Item]
+    skipped: list[dict]  # {"path": ..., "reason": ...}
+    split_rule: str
+
+
+def not_regular(mode: int) -> str | None:
+    """Why a file of this ``st_mode`` cannot be an input ("not a regular file: a socket"), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
+    return f"{NOT_REGULAR}: {kind}"
+
+
+def list_files(src: Path, exclude: Path | None = None) -> tuple[list[str], list[dict]]:
+    """Relative paths of every non-hidden entry under ``src``, sorted (partition file excluded),
+    and the folders that could not be listed ({"path": "sub/", "reason": ...}).
+
+    ``exclude`` (the output folder, when it lies inside ``src``) is not searched. Symlinks to
+    folders are listed as entries, not followed (:func:`discover` skips them with a reason).
 
     Content decides what is an image (a PNG called .jpg is fine, a text file called .jpg is
     skipped with a reason), so no file is dropped here because of its extension.
     """
-    found = []
+    found, unreadable = [], []
     skip = os.path.realpath(exclude) if exclude is not None else None
-    for root, dirs, files in os.walk(src):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != skip]
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, src).replace(os.sep, "/")
+
+    def cannot_list(error: OSError) -> None:
+        reason = error.strerror or str(error)
+        unreadable.append({"path": rel(error.filename) + "/", "reason": f"cannot read folder: {reason}"})
+
+    for root, dirs, files in os.walk(src, onerror=cannot_list):
+        kept = []
+        for d in dirs:
+            path = os.path.join(root, d)
+            if d.startswith(".") or os.path.realpath(path) == skip:
+                continue
+            if os.path.islink(path):
+                found.append(rel(path))  # listed, not followed: discover says why it is skipped
+            else:
+                kept.append(d)
+        dirs[:] = kept
         for name in files:
             if name.startswith(".") or name == PARTITION_FILE:
                 continue
-            rel = os.path.relpath(os.path.join(root, name), src).replace(os.sep, "/")
-            found.append(rel)
-    return sorted(found)
+            found.append(rel(os.path.join(root, name)))
+    return sorted(found), sorted(unreadable, key=lambda s: s["path"])
+
+
+def discover(
+    src: Path, exclude: Path | None, seed: int, val_fraction: float, test_fraction: float, limit: int | None
+) -> Inputs:
+    """The candidates of a source folder: keyed, split (CelebA's partition file when there is
+    one, else a hash of (seed, key)), each a regular file; the rest skipped with a reason."""
+    if not src.is_dir():
+        raise InputError(f"--src {src}: {'not a folder' if src.exists() else 'not found'}")
+    try:
+        os.listdir(src)
+    except OSError as error:
+        raise InputError(f"--src {src}: {error.strerror or error}") from None
+    rels, skipped = list_files(src, exclude=exclude)
+    if limit is not None:
+        rels = rels[:limit]
+    partition_path = find_partition(src)
+    partition = read_partition(partition_path) if partition_path else None
+    keys = make_keys(rels)
+    items = []
+    for rel in rels:
+        if partition is not None:
+            split = partition.get(rel)
+            if split is None:
+                skipped.append({"path": rel, "reason": f"not listed in {partition_path.name}"})
+                continue
+        else:
+            split = hash_split(seed, keys[rel], val_fraction, test_fraction)
+        path = src / rel
+        try:
+            info = path.stat()
+        except OSError as e:  # e.g. a dangling symlink
+            skipped.append({"path": rel, "reason": f"cannot read: {e.strerror or e}"})
+            continue
+        if reason := not_regular(info.st_mode):
+            skipped.append({"path": rel, "reason": reason})
+            continue
+        items.append(Item(keys[rel], rel, str(path.resolve()), split, info.st_size))
+    rule = f"CelebA {partition_path.name}" if partition_path else "hash of (seed, key) against val/test fractions"
+    return Inputs(items, sorted(skipped, key=lambda s: s["path"]), rule)
 
 
 def make_keys(rels: list[str]) -> dict[str, str]:
@@ -89,12 +176,16 @@ def find_partition(src: Path) -> Path | None:
 def read_partition(path: Path) -> dict[str, str]:
     """{file name relative to the images: split} from a CelebA partition file."""
     out = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read the partition file: {error}") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2 or parts[1] not in _PARTITION_SPLITS:
-            raise ValueError(f"{path}:{n}: expected '<file> <0|1|2>', got {line!r}")
+            raise InputError(f"{path}:{n}: expected '<file> <0|1|2>', got {line[:80]!r}")
         out[parts[0]] = _PARTITION_SPLITS[parts[1]]
     return out
 

@@ -1,23 +1,29 @@
 """``python -m deblur.shard --verify DIR``: check a built dataset against its manifest.
 
-Re-hashes every shard, rebuilds every index from its tar, decodes every image member and checks
-every json member. Returns all problems found (an empty list means the dataset is sound).
+Checks the manifest's shard list (names, counts), re-hashes every shard and its index against
+it, rebuilds every index from its tar, decodes every image member, checks every json member,
+and flags tars and indexes the manifest does not list and half-written ``.partial`` files.
+Returns all problems found, each naming its file (an empty list means the dataset is sound).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from deblur.errors import InputError
 from deblur.files import sha256_file
 from deblur.shard.blur import kernel_from_params, stored_blur
+from deblur.shard.folder import PARTIAL
 from deblur.shard.format import (
     BLURRED,
+    FORMAT,
     MANIFEST,
     META,
     SAMPLE_MEMBERS,
@@ -63,16 +69,18 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str, s
 def _check_shard(path: Path, entry: dict, split: str, keys: set[str], store_size: int | None) -> list[str]:
     name = path.name
     if not path.is_file():
-        return [f"{name}: missing"]
+        return [f"{name}: {'not a regular file' if path.exists() else 'missing'}"]
     problems = []
     if sha256_file(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest")
     idx = index_path(path)
+    if not idx.is_file():
+        problems.append(f"{idx.name}: {'not a regular file' if idx.exists() else 'missing'}")
+    elif "index_sha256" in entry and sha256_file(idx) != entry["index_sha256"]:
+        problems.append(f"{idx.name}: index_sha256 differs from the manifest")
     try:
         expected_index = index_of_tar(path)
-        if not idx.is_file():
-            problems.append(f"{idx.name}: missing")
-        elif idx.read_text() != expected_index:
+        if idx.is_file() and idx.read_text(errors="replace") != expected_index:
             problems.append(f"{idx.name}: does not match the tar's contents")
         samples: dict[str, dict[str, bytes]] = {}
         with tarfile.open(path, mode="r:") as tar:
@@ -91,24 +99,55 @@ def _check_shard(path: Path, entry: dict, split: str, keys: set[str], store_size
     return problems
 
 
+def _entries(manifest) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(split, shard entry) of every well-formed shard entry of the manifest, and the problems
+    with the rest: a reader must be able to trust each name, count and hash it lists."""
+    entries, problems = [], []
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return [], [f"{MANIFEST}: not a {FORMAT} manifest"]
+    for split in SPLITS:
+        listed = manifest.get("splits", {}).get(split) if isinstance(manifest.get("splits"), dict) else None
+        if not isinstance(listed, dict) or not isinstance(listed.get("shards"), list):
+            problems.append(f"{MANIFEST}: no shard list for split {split!r}")
+            continue
+        for n, entry in enumerate(listed["shards"]):
+            where = f"{MANIFEST}: {split} shard {n}"
+            if not isinstance(entry, dict) or not all(k in entry for k in ("name", "samples", "sha256")):
+                problems.append(f"{where}: expected name, samples and sha256, got {entry!r:.80}")
+            elif not isinstance(entry["name"], str) or not re.fullmatch(rf"{split}-[0-9]{{6}}\.tar", entry["name"]):
+                # e.g. "../x.tar": readers open what the manifest names
+                problems.append(f"{where}: {entry['name']!r:.80} is not a shard file name of split {split}")
+            elif not isinstance(entry["samples"], int) or entry["samples"] < 1:
+                problems.append(f"{where}: samples must be a positive whole number, got {entry['samples']!r}")
+            else:
+                entries.append((split, entry))
+        total = sum(e["samples"] for s, e in entries if s == split)
+        if listed.get("samples") != total:
+            problems.append(f"manifest: {split} samples {listed.get('samples')} != sum over its shards {total}")
+    return entries, problems
+
+
 def verify(root: Path, progress: bool = True) -> list[str]:
+    """Every problem found in the dataset at ``root`` (an empty list: it is sound)."""
     root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"--verify {root}: {'not a folder' if root.exists() else 'not found'}")
+    manifest_path = root / MANIFEST
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-        entries = [(split, s) for split in SPLITS for s in manifest["splits"][split]["shards"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{root / MANIFEST}: unreadable manifest: {type(e).__name__}: {e}"]
-    problems, keys = [], set()
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    except (OSError, ValueError) as e:
+        return [f"{manifest_path}: unreadable manifest: {type(e).__name__}: {e}"]
+    if manifest is None:
+        return [f"{manifest_path}: missing (not a built dataset, or its build has not finished)"]
+    entries, problems = _entries(manifest)
+    keys: set[str] = set()
     for split, entry in tqdm(entries, unit="shard", desc=f"verifying {root.name}", disable=not progress):
         problems += _check_shard(root / entry["name"], entry, split, keys, manifest.get("store_size"))
     listed = {e["name"] for _, e in entries}
-    for path in sorted(root.glob("*.tar")):
+    listed |= {index_path(Path(name)).name for name in listed}
+    for path in sorted([*root.glob("*.tar"), *root.glob("*.idx")]):
         if path.name not in listed:
             problems.append(f"{path.name}: not listed in the manifest")
-    for split in SPLITS:
-        total = sum(s["samples"] for s in manifest["splits"][split]["shards"])
-        if total != manifest["splits"][split]["samples"]:
-            problems.append(
-                f"manifest: {split} samples {manifest['splits'][split]['samples']} != sum over its shards {total}"
-            )
+    for path in sorted(root.glob(f"*{PARTIAL}")):
+        problems.append(f"{path.name}: an unfinished write (an interrupted build); rerun the build to finish it")
     return problems
