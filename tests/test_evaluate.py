@@ -138,15 +138,19 @@ def test_a_corrupt_json_member_is_named(shards, identity_weights, damage, proble
     _, size, _ = member(shards, "test-000001.tar", 2, "json")
     name = replace_member(shards, "test-000001.tar", 2, "json", damage(size))
     reseal(shards)  # the manifest edited to match: only reading the member finds it
+    before = files(shards)
     line = error_line(evaluate_cli(identity_weights, shards), 2, alone=False)
     assert line.startswith(f"error: shard {shards / 'test-000001.tar'} member {name}: {problem}"), line
+    assert files(shards) == before
 
 
 def test_an_undecodable_member_is_named(shards, identity_weights):
     name = corrupt_member(shards, "test-000000.tar", 1, "blur.jpg")
     reseal(shards)
+    before = files(shards)
     line = error_line(evaluate_cli(identity_weights, shards), 2, alone=False)
     assert line.startswith(f"error: cannot decode shard {shards / 'test-000000.tar'} member {name}: Corrupt JPEG data")
+    assert files(shards) == before
 
 
 @pytest.mark.parametrize(
