@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from deblur.cli import Parser, at_least
 from deblur.shard import demo
 from deblur.shard.build import build_shards
 
@@ -45,7 +44,7 @@ def timed_build(src: Path, out: Path, images: int, workers: int) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = Parser(
+    p = argparse.ArgumentParser(
         prog="python -m deblur.bench shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = p.add_mutually_exclusive_group(required=True)
@@ -63,8 +62,6 @@ def main(argv: list[str] | None = None) -> None:
         "fastest of each (use 3+ on a shared machine)",
     )
     args = p.parse_args(argv)
-    for option in ("--images", "--workers", "--repeat"):
-        at_least(option, getattr(args, option[2:]), 1)
 
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
         tmp = Path(tmp)
