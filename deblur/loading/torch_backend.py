@@ -30,10 +30,10 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from deblur.loading.contract import PairOptions, Position, RankPart, derived_seed
+from deblur.loading.contract import PairOptions, Position, RankPart, ShardFile, derived_seed
 from deblur.loading.decode import decode_resized
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
-from deblur.shard.format import PAIR_MEMBERS, ShardError, ShardFile, read_member
+from deblur.shard.format import PAIR_MEMBERS, ShardError, read_member
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's initial_fill
 

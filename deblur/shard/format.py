@@ -34,7 +34,7 @@ from deblur.errors import InputError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
-FORMAT = "deblur-shards/1"  # manifest.json's "format"
+FORMAT = "deblur-shards/1"  # manifest["format"]
 INDEX_VERSION = "v1.2"  # the wds2idx format version DALI's webdataset reader reads
 
 SHARP = "sharp.jpg"
