@@ -16,15 +16,23 @@ member resized the same way:
   then resized to 64x64 like everything else (resizing first would change the blur into one the
   kernel no longer describes). They know the blur exactly, which the generator does not.
 
-Prints a table, then as its last line one JSON object:
-``{"restored": {"psnr": .., "ssim": ..}, "blurred": {..}, "wiener": {..}, "richardson_lucy": {..}, "n": N}``.
+Before any scoring the split is checked as training checks it (``deblur.shard.check``: the
+manifest, every index against its tar, every tar against its sha256), so a truncated or changed
+shard fails before any work. Shards are then read at their ``.idx`` offsets
+(``deblur.shard.format.read_samples``, as the loaders read them); a member that does not decode
+or a json that does not parse is one line naming the shard and the member.
+
+Prints a table, then as its last line one strict JSON object (no NaN):
+``{"restored": {"psnr": .., "ssim": ..}, "blurred": {..}, "wiener": {..}, "richardson_lucy": {..}, "n": N}``;
+a method whose output held NaN or inf for some sample has ``"psnr": null, "ssim": null`` and a
+``"reason"``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,24 +40,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from skimage.restoration import richardson_lucy, wiener
 from tqdm import tqdm
 
-from deblur.device import resolve_device
-from deblur.images import decode_rgb
+from deblur.cli import Parser, at_least, positive
+from deblur.device import device_option
+from deblur.errors import InputError, run_main
+from deblur.images import ImageError, decode_rgb
 from deblur.infer import resize_unit, restore
 from deblur.loading.decode import decode_member
 from deblur.metrics import mean_scores, score_sums
 from deblur.models import Generator
 from deblur.shard.blur import kernel_from_params, stored_blur
-from deblur.shard.format import BLURRED, MANIFEST, META, SHARP, SPLITS, ShardError, manifest_split
+from deblur.shard.check import check_dataset
+from deblur.shard.format import BLURRED, MANIFEST, META, SHARP, SPLITS, ShardError, read_samples, split_shards
 from deblur.weights import load_generator
 
 CLASSICAL = ("wiener", "richardson_lucy")
 METHODS = ("restored", "blurred", *CLASSICAL)
 
-# Chosen by a sweep on 24 of the demo's test samples (README, "Using a trained model"), best PSNR
+# Chosen by a sweep on 24 of the demo's test samples (docs/use.md, "Score against classical
+# deconvolution"), best PSNR
 # for each method: balance 0.003-30 (0.3: 28.3 dB, 1: 29.7, 3: 30.4, 10: 30.2) and 5-50 iterations
 # (5: 30.3 dB, 10: 30.9, 20: 30.1, 50: 27.8). The blurred members are 8-bit JPEGs, so weaker
 # regularization or more iterations amplify that noise. Tuning on test data flatters the baselines,
@@ -61,33 +72,46 @@ RL_ITERATIONS = 10
 @dataclass(frozen=True)
 class Pair:
     key: str
-    sharp: torch.Tensor  # (1, 3, S, S) in [0, 1], exactly the training loader's pixels
+    where: str  # "shard <tar> sample <key>", for messages
+    sharp: torch.Tensor  # (1, 3, S, S) in [0, 1], exactly the torch loader's pixels
     blurred: torch.Tensor  # (1, 3, S, S) likewise
     blurred_stored: np.ndarray  # (H, W, 3) float64 in [0, 1] at the stored resolution
     blur: dict  # the json's "blur" params rescaled to the stored resolution
 
 
+def read_meta(data: bytes, where: str) -> dict:
+    """A sample's json member -> its blur params at the stored resolution; ShardError if the
+    member is not UTF-8 JSON of the builder's shape."""
+    try:
+        return stored_blur(json.loads(data.decode("utf-8")))
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{where}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ShardError(f"{where}: not a sample json of this format ({type(e).__name__}: {e})") from None
+
+
 def read_pairs(tars: list[Path], image_size: int) -> Iterator[Pair]:
     """Every sample of ``tars`` in shard order (no shuffle stage: every method and run sees the
-    same pairs), with both members decoded and resized by the torch loader's own function."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList([str(t) for t in tars]), wds.tarfile_to_samples())
-    for sample in pipeline:
-        key = sample["__key__"]
-        where = f"{sample.get('__url__', '?')}: sample {key!r}"
-        try:
-            blur = stored_blur(json.loads(sample[META]))
-            sharp_bytes, blurred_bytes = sample[SHARP], sample[BLURRED]
-        except KeyError as e:
-            raise ValueError(f"{where}: missing member or key {e}") from e
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: unreadable json ({e})") from e
-        yield Pair(
-            key=key,
-            sharp=_as_unit(decode_member(sharp_bytes, image_size, f"{where} {SHARP}")),
-            blurred=_as_unit(decode_member(blurred_bytes, image_size, f"{where} {BLURRED}")),
-            blurred_stored=np.asarray(decode_rgb(blurred_bytes, f"{where} {BLURRED}").image, dtype=np.float64) / 255.0,
-            blur=blur,
-        )
+    same pairs), read at the index offsets, both members decoded and resized by the torch
+    loader's own function."""
+    for tar in tars:
+        for key, members in read_samples(tar):
+            where = f"shard {tar} sample {key}"
+            member = f"shard {tar} member {key}."
+            try:
+                blurred_stored = decode_rgb(members[BLURRED], f"{member}{BLURRED}").image
+            except ImageError as e:
+                raise ShardError(str(e)) from None
+            yield Pair(
+                key=key,
+                where=where,
+                sharp=_as_unit(decode_member(members[SHARP], image_size, f"{member}{SHARP}")),
+                blurred=_as_unit(decode_member(members[BLURRED], image_size, f"{member}{BLURRED}")),
+                blurred_stored=np.asarray(blurred_stored, dtype=np.float64) / 255.0,
+                blur=read_meta(members[META], f"{member}{META}"),
+            )
 
 
 def _as_unit(image: np.ndarray) -> torch.Tensor:
@@ -127,19 +151,24 @@ def deconvolved_at_model_size(pair: Pair, size: int, **settings) -> dict[str, to
     """Wiener and Richardson-Lucy at the stored resolution with the true kernel, each then
     resized to size x size.
 
-    The loader resizes with PIL's antialiased bilinear (triangle) filter on 8-bit pixels;
-    ``resize_unit`` is the same filter on floats (tests/test_evaluate.py checks they agree to
-    within one grey level), so every method reaches 64x64 the same way.
+    The torch loader resizes 8-bit pixels with torch's antialiased bilinear (triangle) filter
+    (deblur.loading.decode); ``resize_unit`` is the same filter on floats (tests/test_evaluate.py
+    checks they agree to within one grey level), so every method reaches 64x64 the same way.
     """
     try:
         kernel = kernel_from_params(pair.blur)
     except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"sample {pair.key!r}: bad blur params {pair.blur!r} ({e})") from e
+        raise ShardError(f"{pair.where}: bad blur params {pair.blur!r} in its json ({e})") from None
     results = {}
     for method in CLASSICAL:
         deconvolved = _as_unit(deconvolve(pair.blurred_stored, kernel, method, **settings))
         results[method] = resize_unit(deconvolved, (size, size)).clamp(0, 1)
     return results
+
+
+def non_finite(images: torch.Tensor) -> int:
+    """How many images of an NCHW batch hold a NaN or inf."""
+    return int((~torch.isfinite(images.flatten(1)).all(1)).sum())
 
 
 def evaluate(
@@ -154,10 +183,12 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Mean PSNR/SSIM per method over the shards' samples (the first ``limit`` if given),
-    averaged by :mod:`deblur.metrics` as training's validation averages them."""
+    averaged by :mod:`deblur.metrics` as training's validation averages them. A method whose
+    output held NaN or inf for any sample gets no score: ``None`` and a ``reason``."""
     device = next(generator.parameters()).device
     size = generator.image_size
     sums = {m: torch.zeros(2, dtype=torch.float64) for m in METHODS}
+    bad = dict.fromkeys(METHODS, 0)
     batch: dict[str, list[torch.Tensor]] = {"sharp": [], **{m: [] for m in METHODS if m != "restored"}}
 
     def score_batch() -> None:
@@ -165,31 +196,38 @@ def evaluate(
         images = {m: torch.cat(batch[m]) for m in METHODS if m != "restored"}
         images["restored"] = restore(generator, images["blurred"].to(device)).cpu()
         for method, image in images.items():
+            bad[method] += non_finite(image)
             sums[method] += score_sums(image, sharp).double()
         for members in batch.values():
             members.clear()
 
     n = 0
     total = limit if samples is None else samples if limit is None else min(samples, limit)
-    bar = tqdm(total=total, desc="evaluate", unit="sample", disable=not progress)
-    for pair in read_pairs(tars, size):
-        if limit is not None and n >= limit:
-            break
-        batch["sharp"].append(pair.sharp)
-        batch["blurred"].append(pair.blurred)
-        classical = deconvolved_at_model_size(pair, size, wiener_balance=wiener_balance, rl_iterations=rl_iterations)
-        for method, image in classical.items():
-            batch[method].append(image)
-        n += 1
-        bar.update(1)
-        if len(batch["sharp"]) == batch_size:
+    # A context manager: an error mid-way closes the bar before its message is printed.
+    with tqdm(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
+        for pair in read_pairs(tars, size):
+            if limit is not None and n >= limit:
+                break
+            batch["sharp"].append(pair.sharp)
+            batch["blurred"].append(pair.blurred)
+            settings = dict(wiener_balance=wiener_balance, rl_iterations=rl_iterations)
+            for method, image in deconvolved_at_model_size(pair, size, **settings).items():
+                batch[method].append(image)
+            n += 1
+            bar.update(1)
+            if len(batch["sharp"]) == batch_size:
+                score_batch()
+        if batch["sharp"]:
             score_batch()
-    if batch["sharp"]:
-        score_batch()
-    bar.close()
     if n == 0:
-        raise ValueError(f"no samples in {', '.join(map(str, tars))}")
-    result: dict = {method: mean_scores(sums[method], n) for method in METHODS}
+        raise InputError(f"no samples in {', '.join(map(str, tars))}")
+    result: dict = {}
+    for method in METHODS:
+        scores = mean_scores(sums[method], n)
+        if bad[method] or not all(math.isfinite(v) for v in scores.values()):
+            reason = f"its output held NaN or inf for {bad[method]} of {n} samples"
+            scores = {"psnr": None, "ssim": None, "reason": reason}
+        result[method] = scores
     result["n"] = n
     return result
 
@@ -197,13 +235,19 @@ def evaluate(
 def format_table(result: dict) -> str:
     lines = [f"{'method':<16} {'PSNR (dB)':>10} {'SSIM':>8}"]
     for method in METHODS:
-        lines.append(f"{method:<16} {result[method]['psnr']:>10.2f} {result[method]['ssim']:>8.4f}")
+        scores = result[method]
+        if scores["psnr"] is None:
+            lines.append(f"{method:<16} {'n/a':>10} {'n/a':>8}   ({scores['reason']})")
+        else:
+            lines.append(f"{method:<16} {scores['psnr']:>10.2f} {scores['ssim']:>8.4f}")
     lines.append(f"({result['n']} samples, 64x64)")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = Parser(
+        prog="python -m deblur.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--weights", type=Path, required=True, help="generator.safetensors from training")
     parser.add_argument("--shards", type=Path, required=True, help="shard folder with manifest.json")
     parser.add_argument("--split", choices=SPLITS, default="test")
@@ -213,32 +257,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl-iterations", type=int, default=RL_ITERATIONS, help="Richardson-Lucy iterations")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
+    at_least("--limit", args.limit, 1)
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--rl-iterations", args.rl_iterations, 1)
+    positive("--wiener-balance", args.wiener_balance)
+    return args
 
+
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        tars, samples = manifest_split(args.shards, args.split)
-        if not tars:
-            raise ValueError(f"{args.shards / MANIFEST}: split {args.split!r} has no shards")
-        generator = load_generator(args.weights, resolve_device(args.device))
-        result = evaluate(
-            generator,
-            tars,
-            samples=samples,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            wiener_balance=args.wiener_balance,
-            rl_iterations=args.rl_iterations,
-        )
-    except (FileNotFoundError, ValueError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = device_option(args.device)
+    shards = split_shards(args.shards, args.split)
+    if not shards:
+        raise InputError(f"{args.shards / MANIFEST}: split {args.split!r} has no shards")
+    generator = load_generator(args.weights, device)
+    # Up front, as training checks it: every index against its tar, every tar against its sha256.
+    check_dataset(args.shards, splits=(args.split,), decode=())
+    result = evaluate(
+        generator,
+        [s.tar for s in shards],
+        samples=sum(s.samples for s in shards),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        wiener_balance=args.wiener_balance,
+        rl_iterations=args.rl_iterations,
+    )
     elapsed = time.perf_counter() - start
     print(format_table(result))
     print(f"{result['n']} samples in {elapsed:.1f} s ({result['n'] / elapsed:.1f} samples/s)")
-    print(json.dumps(result))
+    print(json.dumps(result, allow_nan=False))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

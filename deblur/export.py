@@ -6,16 +6,23 @@ The graph takes ``input`` of shape (batch, 3, 64, 64), ImageNet-normalized like 
 loader's tensors (see ``deblur.norm``), and returns ``output`` in the same space; the batch axis
 is dynamic. Uses torch's dynamo-based exporter (``torch.onnx.export(dynamo=True)``, the default
 in torch 2.9+), which needs onnxscript.
+
+The ``--onnx`` path is checked before the export runs (a folder, an existing file without
+``--overwrite``, a place that cannot be written: one line, exit status 2); the model is written
+to a temporary file beside it and renamed when complete, so a failed export leaves nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from deblur.cli import Parser
+from deblur.errors import InputError, from_os_error, run_main
 from deblur.models import Generator
 from deblur.weights import load_generator
 
@@ -47,19 +54,49 @@ def export_onnx(generator: Generator, path: str | Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def claim_output(path: Path, overwrite: bool) -> Path:
+    """Before the export runs: refuse an ``--onnx`` path that cannot be written (a folder, an
+    existing file without ``--overwrite``, a folder that cannot be created or written) and
+    create the temporary file the export goes to (renamed over ``path`` once complete)."""
+    if path.is_dir():
+        raise InputError(f"--onnx {path}: is a folder")
+    if path.exists() and not overwrite:
+        raise InputError(f"--onnx {path}: exists already; choose another path or pass --overwrite")
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        raise InputError(f"--onnx {path}: cannot write there ({error.strerror or error})") from None
+    return partial
+
+
+def run(args: argparse.Namespace) -> int:
+    generator = load_generator(args.weights)
+    partial = claim_output(args.onnx, args.overwrite)
+    start = time.perf_counter()
+    try:
+        export_onnx(generator, partial)
+        os.replace(partial, args.onnx)
+    except OSError as error:
+        error.filename = str(args.onnx)
+        raise from_os_error(error, "writing") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    size = args.onnx.stat().st_size
+    print(f"wrote {args.onnx} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(
+        prog="python -m deblur.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--weights", type=Path, required=True, help="generator.safetensors from training")
     parser.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
-    args = parser.parse_args(argv)
-    try:
-        generator = load_generator(args.weights)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
-    start = time.perf_counter()
-    path = export_onnx(generator, args.onnx)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --onnx file")
+    return run_main(lambda: run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

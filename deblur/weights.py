@@ -6,7 +6,9 @@ to rebuild the module before loading into it:
     {"residual": "true" | "false", "image_size": "64"}
 
 safetensors stores only tensors and strings, so loading a file cannot run code (unlike
-``torch.load`` of a pickle), which matters for weights downloaded from elsewhere.
+``torch.load`` of a pickle), which matters for weights downloaded from elsewhere. Loading
+refuses, naming the file and the tensor or key, tensors that are not the Generator's (names,
+shapes), weights holding NaN or inf, and missing metadata.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from deblur.errors import InputError
 from deblur.models import Generator
 
 
@@ -38,30 +41,65 @@ def save_generator(generator: Generator, path: str | Path, extra_metadata: dict[
     return path
 
 
+class WeightsError(InputError, ValueError):
+    """A weights file that cannot be used: missing, unreadable, or not this project's generator."""
+
+
+def check_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that are not the Generator's (by name, shape and kind) or hold NaN/inf.
+
+    A NaN or inf weight (a diverged run, a damaged file) makes every output black or NaN, so it
+    is refused here, at load, rather than discovered in the images."""
+    expected = Generator().state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected:
+        parts = [f"missing tensor {missing[0]!r}"] if missing else []
+        parts += [f"unexpected tensor {unexpected[0]!r}"] if unexpected else []
+        counts = f" ({len(missing)} missing, {len(unexpected)} unexpected of {len(expected)})"
+        raise WeightsError(f"{path}: not a deblur Generator's weights: {', '.join(parts)}{counts}")
+    for name, tensor in state.items():
+        want = expected[name]
+        if tensor.shape != want.shape:
+            raise WeightsError(
+                f"{path}: tensor {name!r} has shape {list(tensor.shape)}, the Generator's is {list(want.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise WeightsError(f"{path}: tensor {name!r} is {tensor.dtype}, the Generator's is {want.dtype}")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise WeightsError(
+                f"{path}: tensor {name!r} holds {bad} NaN/inf values of {tensor.numel()}: "
+                "the run that wrote it diverged or the file is damaged"
+            )
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """Rebuild the generator described by ``path``'s metadata and load its weights (eval mode)."""
+    """Rebuild the generator described by ``path``'s metadata and load its weights (eval mode),
+    after :func:`check_tensors`; any problem is a :class:`WeightsError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise WeightsError(f"{path}: weights file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 
+    check_tensors(path, state)
     residual = metadata.get("residual")
     if residual not in ("true", "false"):
-        raise ValueError(f"{path}: metadata key 'residual' must be 'true' or 'false', got {residual!r}")
+        raise WeightsError(
+            f"{path}: metadata key 'residual' must be 'true' or 'false', got {residual!r} "
+            "(files written by deblur.weights.save_generator have it)"
+        )
     image_size = metadata.get("image_size")
     if image_size != str(Generator.image_size):
-        raise ValueError(
+        raise WeightsError(
             f"{path}: metadata key 'image_size' is {image_size!r}; this Generator works at {Generator.image_size}"
         )
 
     generator = Generator(residual=residual == "true")
-    try:
-        generator.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the Generator ({e})") from e
+    generator.load_state_dict(state, strict=True)  # names and shapes checked above
     return generator.to(device).eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deblur.errors import InputError
 from deblur.loading.contract import find_shards
 from deblur.loading.loader import make_loader
 from deblur.norm import denormalize
@@ -196,7 +197,7 @@ def test_bad_arguments_are_refused(tiny_shards):
         make_loader(tiny_shards, "train", batch_size=2, backend="tf")
     with pytest.raises(ValueError, match="rank"):
         make_loader(tiny_shards, "train", batch_size=2, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(InputError, match="split must be one of train, val, test, got 'training'"):
         make_loader(tiny_shards, "training", batch_size=2)
     with pytest.raises(ValueError, match="hw_decoder_load"):
         make_loader(tiny_shards, "train", batch_size=2, hw_decoder_load=1.5)

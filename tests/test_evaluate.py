@@ -4,9 +4,13 @@ true kernel really deblur, the JSON last line, and clear refusals."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from cli_checks import error_line, files, run_cli
+from safetensors.torch import save_file
+from shard_damage import corrupt_member, member, replace_member, reseal
 
 from deblur.evaluate import main
 from deblur.models import Generator
@@ -72,12 +76,13 @@ def test_empty_split_and_missing_folder_are_named(tiny_photo_folder, tmp_path, i
     assert main(["--weights", str(identity_weights), "--shards", str(out), "--split", "val"]) == 2
     assert "split 'val' has no shards" in capsys.readouterr().err
     assert main(["--weights", str(identity_weights), "--shards", str(tmp_path / "nowhere")]) == 2
-    assert "manifest.json" in capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: shard folder not found" in capsys.readouterr().err
 
 
 def test_float_resize_matches_the_loaders_resize(tiny_shards):
-    # deconvolved images are floats resized by resize_unit; the loader resizes 8-bit pixels with
-    # PIL: the two must be the same filter, or the methods would be judged on different footing
+    # deconvolved images are floats resized by resize_unit; the torch loader resizes 8-bit pixels
+    # with torch's uint8 kernel: the two must be the same filter, or the methods would be judged
+    # on different footing
     from deblur.evaluate import _as_unit, read_pairs
     from deblur.infer import resize_unit
     from deblur.shard.format import manifest_split
@@ -100,3 +105,103 @@ def test_runs_on_shards_stored_downscaled(small_shards, identity_weights, capsys
     assert result["n"] == json.loads((small_shards / "manifest.json").read_text())["splits"]["test"]["samples"]
     assert result["richardson_lucy"]["psnr"] > result["blurred"]["psnr"] + 0.5
     assert result["wiener"]["psnr"] > result["blurred"]["psnr"] - 1.5
+
+
+# ----------------------------------------------------------------------------- the CLI as a user runs it
+
+EVALUATE = "deblur.evaluate"
+
+
+@pytest.fixture
+def shards(tiny_shards, tmp_path):
+    """A private copy of the tiny dataset that a test may damage."""
+    return shutil.copytree(tiny_shards, tmp_path / "shards")
+
+
+def evaluate_cli(weights, shards, *args):
+    return run_cli(EVALUATE, "--weights", weights, "--shards", shards, "--split", "test", *args)
+
+
+def test_a_truncated_or_changed_shard_fails_before_any_work(shards, identity_weights):
+    tar = shards / "test-000001.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    line = error_line(evaluate_cli(identity_weights, shards), 2)
+    assert line.startswith(f"error: shard {tar} is truncated or does not match its index")
+    tar.write_bytes(data)
+    corrupt_member(shards, "test-000000.tar", 0, "sharp.jpg")
+    before = files(shards)
+    line = error_line(evaluate_cli(identity_weights, shards), 2, alone=False)
+    assert line.startswith(f"error: {shards / 'test-000000.tar'}: sha256 ") and "splits.test.shards[0].sha256" in line
+    assert files(shards) == before
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda size: b"\xff" * size, "not UTF-8 text (invalid start byte at byte 0)"),
+        (lambda size: b"{" + b" " * (size - 1), "not valid JSON (Expecting property name enclosed in double quotes:"),
+        (lambda size: b"[" + b" " * (size - 2) + b"]", "not a sample json of this format"),
+    ],
+)
+def test_a_corrupt_json_member_is_named(shards, identity_weights, damage, problem):
+    _, size, _ = member(shards, "test-000001.tar", 2, "json")
+    name = replace_member(shards, "test-000001.tar", 2, "json", damage(size))
+    reseal(shards)  # the manifest edited to match: only reading the member finds it
+    before = files(shards)
+    line = error_line(evaluate_cli(identity_weights, shards), 2, alone=False)
+    assert line.startswith(f"error: shard {shards / 'test-000001.tar'} member {name}: {problem}"), line
+    assert files(shards) == before
+
+
+def test_an_undecodable_member_is_named(shards, identity_weights):
+    name = corrupt_member(shards, "test-000000.tar", 1, "blur.jpg")
+    reseal(shards)
+    before = files(shards)
+    line = error_line(evaluate_cli(identity_weights, shards), 2, alone=False)
+    assert line.startswith(f"error: cannot decode shard {shards / 'test-000000.tar'} member {name}: Corrupt JPEG data")
+    assert files(shards) == before
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--rl-iterations", "0"], "--rl-iterations: must be at least 1, got 0"),
+        (["--wiener-balance", "-1"], "--wiener-balance: must be a positive finite number, got -1.0"),
+        (["--wiener-balance", "nan"], "--wiener-balance: must be a positive finite number, got nan"),
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["--limit", "0"], "--limit: must be at least 1, got 0"),
+        (["--limit", "-3"], "--limit: must be at least 1, got -3"),
+        (["--split", "bogus"], "python -m deblur.evaluate: argument --split: invalid choice: 'bogus'"),
+        (["--device", "banana"], "--device: 'banana' is not a torch device"),
+    ],
+)
+def test_nonsense_options_are_refused_naming_the_option(tiny_shards, identity_weights, option, expected):
+    line = error_line(run_cli(EVALUATE, "--weights", identity_weights, "--shards", tiny_shards, *option), 2)
+    assert line.startswith(f"error: {expected}"), line
+
+
+def test_nan_weights_are_refused(tiny_shards, tmp_path):
+    state = Generator().state_dict()
+    state["enc3.0.weight"][1, 2, 0, 0] = float("nan")
+    path = tmp_path / "generator.safetensors"
+    save_file(state, str(path), metadata={"residual": "true", "image_size": "64"})
+    line = error_line(evaluate_cli(path, tiny_shards), 2)
+    assert line.startswith(f"error: {path}: tensor 'enc3.0.weight' holds 1 NaN/inf values")
+
+
+def test_a_score_that_cannot_be_computed_is_null_with_a_reason(tiny_shards, tmp_path):
+    """Finite weights whose output overflows to NaN: the last line stays strict JSON."""
+    g = Generator(residual=True)
+    torch.nn.init.constant_(g.enc1[0].weight, 3e38)  # inf - inf in the first convolution: NaN
+    weights = save_generator(g, tmp_path / "generator.safetensors")
+    result = evaluate_cli(weights, tiny_shards, "--limit", "3")
+    assert result.returncode == 0, result.stderr
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON line")
+
+    last = json.loads(result.stdout.strip().splitlines()[-1], parse_constant=refuse)
+    assert last["restored"] == {"psnr": None, "ssim": None, "reason": "its output held NaN or inf for 3 of 3 samples"}
+    assert all(isinstance(last[m]["psnr"], float) for m in ("blurred", "wiener", "richardson_lucy"))
+    assert "restored" in result.stdout and "n/a" in result.stdout  # the table says so too

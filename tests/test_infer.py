@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cli_checks import command, error_line, files, in_small_filesystem, run_cli
 from PIL import Image
+from safetensors.torch import save_file
 
 from deblur.infer import main, restore, restore_resize, restore_tiles
 from deblur.models import Generator
@@ -26,6 +28,7 @@ def weights(tmp_path):
 
 
 def _photo(path, size=(90, 70), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     return path
@@ -136,3 +139,95 @@ def test_cli_names_a_bad_weights_file(tmp_path, capsys):
     bad.write_bytes(b"nope")
     assert main(["--weights", str(bad), "--out", str(tmp_path / "o"), str(img)]) == 2
     assert "generator.safetensors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the CLI as a user runs it
+
+INFER = "deblur.infer"
+
+
+def test_an_existing_output_is_refused_before_any_work_unless_overwrite(tmp_path, weights):
+    """The output name exists (a file this run did not write): nothing is read or written."""
+    inputs = [_photo(tmp_path / "in" / name, seed=i) for i, name in enumerate(("a.jpg", "face.jpg"))]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "face.png").write_bytes(b"someone else's picture")
+    before = files(tmp_path)
+    line = error_line(run_cli(INFER, "--weights", weights, "--out", out, *inputs), 2)
+    assert line == (
+        f"error: output {out / 'face.png'} already exists (not written by this run); "
+        "choose another --out or pass --overwrite"
+    )
+    assert files(tmp_path) == before  # not even a.png: the refusal comes before any work
+
+    result = run_cli(INFER, "--weights", weights, "--out", out, "--overwrite", *inputs)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out / "face.png") as replaced:
+        assert replaced.format == "PNG" and replaced.size == (90, 70)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "face.png"]  # no temporary file left
+    assert all(p.read_bytes() == before[p] for p in inputs)
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--batch-size", "0"], "error: --batch-size: must be at least 1, got 0"),
+        (
+            ["--batch-size", "x"],
+            "error: python -m deblur.infer: argument --batch-size: invalid int value: 'x' (see --help)",
+        ),
+        (["--device", "banana"], "error: --device: 'banana' is not a torch device (e.g. cpu, cuda, cuda:1)"),
+        (["--device", "cuda:7"], "error: --device: 'cuda:7' is not available on this machine"),
+    ],
+)
+def test_bad_options_are_one_line_naming_the_option(tmp_path, weights, option, expected):
+    img = _photo(tmp_path / "face.jpg")
+    before = files(tmp_path)
+    line = error_line(run_cli(INFER, "--weights", weights, "--out", tmp_path / "out", *option, img), 2)
+    assert line.startswith(expected), line
+    assert files(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_and_weights_that_are_not_the_generators(tmp_path, weights):
+    img = _photo(tmp_path / "face.jpg")
+    out = tmp_path / "restored"
+    out.write_text("a file, not a folder")
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(other))
+    state = Generator().state_dict()
+    state["dec1.0.bias"][3] = float("nan")
+    nan = tmp_path / "nan.safetensors"
+    save_file(state, str(nan), metadata={"residual": "true", "image_size": "64"})
+    before = files(tmp_path)
+
+    line = error_line(run_cli(INFER, "--weights", weights, "--out", out, img), 2)
+    assert line == f"error: --out {out}: is a file, not a folder"
+    line = error_line(run_cli(INFER, "--weights", other, "--out", tmp_path / "o", img), 2)
+    assert line.startswith(f"error: {other}: not a deblur Generator's weights: missing tensor 'enc1.0.weight'")
+    line = error_line(run_cli(INFER, "--weights", nan, "--out", tmp_path / "o", img), 2)
+    assert line.startswith(f"error: {nan}: tensor 'dec1.0.bias' holds 1 NaN/inf values")
+    assert files(tmp_path) == before and not (tmp_path / "o").exists()
+
+
+def test_disk_full_removes_the_partial_output_and_keeps_the_finished_ones(tmp_path, weights):
+    """A real ENOSPC: --out is a 64 KiB tmpfs; the small image fits, the large noisy one does not."""
+    small = _photo(tmp_path / "in" / "a.png", (64, 64))
+    large = _photo(tmp_path / "in" / "b.png", (300, 300), seed=1)  # ~270 KB of PNG noise
+    before = files(tmp_path)
+    result, names = in_small_filesystem(
+        tmp_path / "out", "64k", command(INFER, "--weights", weights, "--out", tmp_path / "out", small, large)
+    )
+    line = error_line(result, 1, alone=False)
+    assert line.startswith(f"error: disk full while writing {tmp_path / 'out' / 'b.png'}: ") and "MiB free on" in line
+    assert names == ["a.png"]  # finished output kept, no partial b.png
+    assert files(tmp_path) == before
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, weights):
+    img = _photo(tmp_path / "face.jpg")
+    result, names = in_small_filesystem(
+        tmp_path / "ro", "64k", command(INFER, "--weights", weights, "--out", tmp_path / "ro", img), read_only=True
+    )
+    line = error_line(result, 2)
+    assert line == f"error: --out {tmp_path / 'ro'}: cannot write there (Read-only file system)"
+    assert names == []

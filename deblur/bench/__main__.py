@@ -1,20 +1,25 @@
 """Benchmarks: ``python -m deblur.bench {shard,loader,train,checkpoint} [options]``.
 
 Each subcommand lives in its own module; ``--help`` after the subcommand lists its options.
+The whole command runs through :func:`deblur.errors.run_main`: a bad option, shard folder or
+split is one line naming it and exit status 2.
 """
 
 from __future__ import annotations
 
 import sys
 
+from deblur.errors import InputError, run_main
+
 USAGE = "usage: python -m deblur.bench {shard,loader,train,checkpoint} [options]"
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+def dispatch(argv: list[str]) -> int | None:
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
-        raise SystemExit(0 if argv else 2)
+        return 0
+    if not argv:
+        raise InputError(f"no benchmark named; {USAGE}")
     name, rest = argv[0], argv[1:]
     if name == "shard":
         from deblur.bench import shard as bench
@@ -25,9 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     elif name == "checkpoint":
         from deblur.bench import checkpoint as bench
     else:
-        raise SystemExit(f"unknown benchmark {name!r}; {USAGE}")
-    bench.main(rest)
+        raise InputError(f"unknown benchmark {name!r}; {USAGE}")
+    return bench.main(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: dispatch(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

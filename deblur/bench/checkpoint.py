@@ -25,12 +25,14 @@ from unittest import mock
 import torch
 from accelerate import Accelerator
 
+from deblur.cli import Parser, at_least
+from deblur.errors import Fault, InputError
 from deblur.models import Discriminator, Generator
 from deblur.training.checkpoint import save_checkpoint, verify_checkpoint
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m deblur.bench checkpoint",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -38,8 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=5, help="saves per way; each way's figure is its median")
     parser.add_argument("--dir", type=Path, default=Path("."), help="where the temporary checkpoints go")
     args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be positive")
+    at_least("--repeat", args.repeat, 1)
+    if not args.dir.is_dir():
+        raise InputError(f"--dir {args.dir}: not a folder")
     return args
 
 
@@ -56,11 +59,15 @@ def prepared_models(accelerator: Accelerator) -> None:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    try:  # before any work: --dir must take the checkpoints
+        workdir = tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-checkpoint-")
+    except OSError as error:
+        raise InputError(f"--dir {args.dir}: cannot write there ({error.strerror or error})") from None
     accelerator = Accelerator()
     prepared_models(accelerator)
     seconds: dict[str, list[float]] = {"durable": [], "no fsync": []}
     verify_s = []
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-checkpoint-") as tmp:
+    with workdir as tmp:
         checkpoints = Path(tmp) / "checkpoints"
         for step in range(args.repeat):
             for way in seconds:
@@ -72,8 +79,10 @@ def main(argv: list[str]) -> None:
                     )
                 seconds[way].append(time.perf_counter() - start)
             start = time.perf_counter()
-            assert verify_checkpoint(final) == []
+            problems = verify_checkpoint(final)
             verify_s.append(time.perf_counter() - start)
+            if problems:
+                raise Fault(f"{final}: the checkpoint just saved does not verify: {problems[0]}")
         size_mb = sum(p.stat().st_size for p in final.iterdir()) / 2**20
     medians = {way: statistics.median(s) for way, s in seconds.items()}
     print(

@@ -63,14 +63,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from deblur.cli import Parser, at_least, positive
+from deblur.errors import InputError
 from deblur.loading.contract import find_shards, read_members, usable_cores
 from deblur.loading.loader import make_loader
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
-from deblur.shard.format import MANIFEST, PAIR_MEMBERS
+from deblur.shard.format import MANIFEST, PAIR_MEMBERS, SPLITS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deblur.bench loader", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m deblur.bench loader", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=Path, required=True, help="shard dataset folder")
     parser.add_argument(
         "--small-shards",
@@ -78,7 +80,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="the same photographs built with --store-size, measured alongside",
     )
-    parser.add_argument("--split", default="train", help="split to read (default train)")
+    parser.add_argument("--split", choices=SPLITS, default="train", help="split to read (default train)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per method and round")
@@ -94,12 +96,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--workdir", type=Path, default=None, help="where to export the PNG folders (default: a temporary folder)"
     )
     args = parser.parse_args(argv)
-    if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
-        parser.error("--repeat must be >= 1, --seconds > 0 and --warmup >= 0")
+    for option in ("--batch-size", "--image-size", "--repeat", "--workers"):
+        at_least(option, getattr(args, option[2:].replace("-", "_")), 1)
+    positive("--seconds", args.seconds)
+    at_least("--warmup", args.warmup, 0)
+    if args.warmup == float("inf"):
+        raise InputError(f"--warmup: must be finite, got {args.warmup}")
+    if args.workdir is not None and not args.workdir.is_dir():
+        raise InputError(f"--workdir {args.workdir}: not a folder")
+    for option, root in (("--shards", args.shards), ("--small-shards", args.small_shards)):
+        if root is None:
+            continue
+        total = sum(s.samples for s in find_shards(root, args.split))  # names the file at fault
+        if total < args.batch_size:
+            raise InputError(
+                f"--batch-size {args.batch_size}: more than the {total} {args.split} pairs of {option} {root}"
+            )
     if args.small_shards:  # the comparison only means something on the same photographs
         sources = [json.loads((root / MANIFEST).read_text()).get("source") for root in (args.shards, args.small_shards)]
         if sources[0] != sources[1]:
-            parser.error(f"--shards and --small-shards were built from different sources: {sources}")
+            raise InputError(f"--shards and --small-shards were built from different sources: {sources}")
     return args
 
 

@@ -23,8 +23,15 @@ a test can compare them:
   whatever runs per batch must not be a collective.
 * ``shuffle=True``: the order inside the rank's part is shuffled with a buffer (DALI reader's
   ``initial_fill`` semantics; the torch backend does the same with a seeded buffer); it differs
-  every epoch and is fully determined by ``(seed, rank, epoch)``.
+  every epoch. The torch backend's order is a pure function of ``(seed, rank, epoch)``; DALI's
+  reader draws from one seeded generator that runs on across epochs, so its order is fixed by
+  ``(seed, rank)`` and the epochs read before (the loader's state carries it over a resume).
 * ``flip=True``: one coin per pair; the blurred and the sharp image are mirrored together.
+
+Before ``make_loader`` returns, every image member of the rank's part is checked with
+:func:`deblur.shard.check.check_jpeg` (libjpeg without a warning): DALI's decoders turn a
+corrupt member into garbage pixels with nothing but an anonymous libjpeg warning, so both
+backends refuse such a member the same way, up front, naming the shard and the member.
 
 ``loader.state_dict()`` saves the position (epoch, batches consumed, and for DALI the pipeline's
 own checkpoint); ``load_state_dict`` before iterating resumes with exactly the next batch.
@@ -32,7 +39,7 @@ own checkpoint); ``load_state_dict`` before iterating resumes with exactly the n
 
 from __future__ import annotations
 
-import io
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -41,25 +48,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 
-from deblur.shard.format import (
-    MANIFEST,
-    PAIR_MEMBERS,
-    SPLITS,
-    ShardError,
-    index_path,
-    index_rows,
-    manifest_split,
-    read_index,
-)
-
-
-@dataclass(frozen=True)
-class ShardFile:
-    tar: Path
-    idx: Path
-    samples: int
+from deblur.shard.check import check_jpeg, check_members
+from deblur.shard.format import MANIFEST, PAIR_MEMBERS, ShardError, ShardFile, index_rows, read_member, split_shards
 
 
 @dataclass(frozen=True)
@@ -98,6 +89,22 @@ class RankPart:
     def batch_length(self, batch: int) -> int:
         """Samples in batch ``batch`` of an epoch: the batch size, except a PARTIAL last batch."""
         return min(self.batch_size, self.size - batch * self.batch_size)
+
+    def rows(self) -> Iterator[tuple[ShardFile, dict]]:
+        """The rank's contiguous part, in stored order, as (shard, its index row).
+
+        The rows come from the ``.idx`` files that ``find_shards`` checked against the tars."""
+        first = 0
+        for shard in self.shards:
+            last, first_here = first + shard.samples, first
+            first = last
+            if last <= self.start or first_here >= self.stop:
+                continue
+            rows = index_rows(shard.idx)
+            skip = max(0, self.start - first_here)
+            take = min(last, self.stop) - first_here - skip
+            for row in rows[skip : skip + take]:
+                yield shard, row
 
 
 @dataclass(frozen=True)
@@ -172,43 +179,47 @@ def read_members(shards: Iterable[ShardFile]) -> Iterator[tuple[ShardFile, str, 
         with shard.tar.open("rb") as tar:
             for members in index_rows(shard.idx):
                 for ext in PAIR_MEMBERS:
-                    offset, size, name = members[ext]
-                    tar.seek(offset)
-                    yield shard, name, tar.read(size)
+                    yield shard, members[ext][2], read_member(tar, shard.tar, members[ext])
+
+
+def part_members(part: RankPart) -> Iterator[list[tuple[str, bytes]]]:
+    """The image members of the rank's part as ``(where, bytes)``, one list per shard."""
+    for shard, rows in itertools.groupby(part.rows(), key=lambda item: item[0]):
+        with shard.tar.open("rb") as tar:
+            yield [
+                (f"shard {shard.tar} member {row[ext][2]}", read_member(tar, shard.tar, row[ext]))
+                for _, row in rows
+                for ext in PAIR_MEMBERS
+            ]
+
+
+def check_part(part: RankPart, threads: int) -> int:
+    """Check every image member of the rank's part with libjpeg (see the module docstring);
+    the first corrupt one, in stored order, raises a ShardError naming shard and member."""
+    return sum(check_members(members, threads) for members in part_members(part))
 
 
 def find_undecodable(part: RankPart) -> str | None:
-    """Name the first shard member PIL cannot decode, or None: the diagnosis after a failure.
-
-    DALI reports a failed decode without the file; this scan (only run on the error path)
-    turns that into "shard X, member Y".
-    """
-    for shard, name, data in read_members(part.shards):
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            return f"shard {shard.tar} member {name} ({error})"
+    """Name the first member of the rank's part that libjpeg cannot decode cleanly, or None:
+    the diagnosis after DALI failed (its error names no file)."""
+    for members in part_members(part):
+        for where, data in members:
+            try:
+                check_jpeg(data, where)
+            except ShardError as error:
+                return str(error).removeprefix("cannot decode ")
     return None
 
 
 def find_shards(shards: Path | str, split: str) -> tuple[ShardFile, ...]:
-    """The split's shard files as ``manifest.json`` lists them (stored order), each checked
-    against its index."""
+    """The split's shard files as ``manifest.json`` lists them (stored order), the manifest
+    checked and each shard checked against its index (:func:`deblur.shard.format.split_shards`)."""
     root = Path(shards)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not root.is_dir():
-        raise FileNotFoundError(f"shard folder {root} does not exist")
-    try:
-        tars, _ = manifest_split(root, split)
-    except ValueError as error:  # no manifest, or a shard it lists is missing
-        raise ShardError(str(error)) from error
-    if not tars:
+    found = split_shards(root, split)
+    if not found:
         raise ShardError(f"no shards for split {split!r} in {root} ({MANIFEST} lists none)")
-    found = tuple(ShardFile(tar, index_path(tar), read_index(tar)) for tar in tars)
     if sum(s.samples for s in found) == 0:
-        raise ShardError(f"split {split!r} in {root} has shards but no samples: {[str(t) for t in tars]}")
+        raise ShardError(f"split {split!r} in {root} has shards but no samples: {[str(s.tar) for s in found]}")
     return found
 
 

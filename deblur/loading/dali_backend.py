@@ -95,7 +95,7 @@ class DaliPairLoader(Position):
     def _shard_error(self, error: Exception) -> ShardError:
         files = [str(s.tar) for s in self.part.shards]
         culprit = find_undecodable(self.part)
-        where = culprit or f"one of the shards {files} (no undecodable member found by PIL)"
+        where = culprit or f"one of the shards {files} (every member decodes cleanly with libjpeg)"
         return ShardError(f"DALI failed reading {where}: {dali_summary(str(error))}")
 
     def _next(self) -> dict:

@@ -1,7 +1,10 @@
-"""One shard member's JPEG bytes -> the pixels the loaders train on.
+"""One shard member's JPEG bytes -> the pixels the torch backend trains on (and evaluation scores).
 
 The torch backend decodes every member with it, and ``python -m deblur.evaluate`` scores the
-pairs it yields, so evaluation sees exactly what training saw without importing a loader.
+pairs it yields, without importing a loader: evaluation sees exactly the pixels the torch
+backend trains on, and DALI's within decoder tolerance (its libjpeg-turbo or nvJPEG decode and
+resampler differ from these by a mean ~0.002 in normalized units, docs/loading.md).
+Decoding is strict: a member libjpeg warns about is refused, as deblur.shard.check refuses it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def decode_resized(data: bytes, image_size: int, where: str) -> torch.Tensor:
     (3-4 % of values off by > 0.05 instead of 0.2 %).
     """
     try:
-        image = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+        image = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)).permute(2, 0, 1)
     except (ValueError, RuntimeError) as error:
         raise ShardError(f"cannot decode {where}: {error}") from error
     return F.interpolate(
@@ -35,5 +38,5 @@ def decode_resized(data: bytes, image_size: int, where: str) -> torch.Tensor:
 
 
 def decode_member(data: bytes, image_size: int, where: str) -> np.ndarray:
-    """JPEG bytes -> (S, S, 3) uint8 numpy image, exactly the pixels the loader trains on."""
+    """JPEG bytes -> (S, S, 3) uint8 numpy image: the torch backend's pixels (see the module doc)."""
     return decode_resized(data, image_size, where).permute(1, 2, 0).numpy()

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from deblur.device import resolve_device
-from deblur.loading.contract import PairLoader, PairOptions, RankPart, find_shards, usable_cores
+from deblur.loading.contract import PairLoader, PairOptions, RankPart, check_part, find_shards, usable_cores
 from deblur.shard.format import ShardError
 
 Backend = Literal["dali", "torch"]
@@ -52,6 +52,10 @@ def make_loader(
     ``deblur.loading.dali_graph.default_hw_decoder_load``).
 
     Batches have channels_last strides (shape still (B, 3, S, S)), from either backend.
+
+    Before it returns, every image member of the rank's part is checked with libjpeg on
+    ``num_workers`` threads (deblur.loading.contract): a corrupt member is a ShardError naming
+    the shard and the member, the same for both backends.
     """
     if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
         raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
@@ -67,14 +71,15 @@ def make_loader(
             f"split {split!r} in {shards} has {part.total} samples: fewer than one batch of "
             f"{batch_size} per rank for world_size {world_size}"
         )
+    if backend not in ("dali", "torch"):
+        raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
     pairs = PairOptions(image_size=image_size, seed=seed, shuffle=shuffle, flip=flip)
     runtime = dict(device=resolve_device(device), num_workers=num_workers or usable_cores())
+    check_part(part, threads=runtime["num_workers"])
     if backend == "dali":
         from deblur.loading.dali_backend import DaliPairLoader
 
         return DaliPairLoader(part, pairs, decode_threads=decode_threads, hw_decoder_load=hw_decoder_load, **runtime)
-    if backend == "torch":
-        from deblur.loading.torch_backend import TorchPairLoader
+    from deblur.loading.torch_backend import TorchPairLoader
 
-        return TorchPairLoader(part, pairs, **runtime)
-    raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
+    return TorchPairLoader(part, pairs, **runtime)

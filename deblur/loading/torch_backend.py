@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from deblur.loading.contract import PairOptions, Position, RankPart, ShardFile, derived_seed
 from deblur.loading.decode import decode_resized
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
-from deblur.shard.format import PAIR_MEMBERS, ShardError, index_rows
+from deblur.shard.format import PAIR_MEMBERS, ShardError, read_member
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's initial_fill
 
@@ -65,27 +65,11 @@ class PairStream(IterableDataset):
         # For a GPU, uint8 crosses the bus (4x fewer bytes) and the GPU converts it.
         self.normalize = normalize
 
-    def stored_samples(self) -> Iterator[tuple[ShardFile, dict]]:
-        """The rank's contiguous part, in stored order, as (shard, its index row).
-
-        The rows come from the ``.idx`` files that ``find_shards`` checked against the tars."""
-        first = 0
-        for shard in self.part.shards:
-            last, first_here = first + shard.samples, first
-            first = last
-            if last <= self.part.start or first_here >= self.part.stop:
-                continue
-            rows = index_rows(shard.idx)
-            skip = max(0, self.part.start - first_here)
-            take = min(last, self.part.stop) - first_here - skip
-            for row in rows[skip : skip + take]:
-                yield shard, row
-
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         batch_size, n_batches = self.part.batch_size, self.part.batches_per_epoch
-        samples = self.stored_samples()
+        samples = self.part.rows()
         if self.pairs.shuffle:
             rng = random.Random(derived_seed(self.pairs.seed, self.part.rank, self.epoch))
             samples = buffer_shuffle(samples, SHUFFLE_BUFFER, rng)
@@ -127,13 +111,8 @@ class PairStream(IterableDataset):
             if shard not in tars:
                 tars[shard] = files.enter_context(open(shard.tar, "rb"))
             for m, ext in enumerate(PAIR_MEMBERS):
-                offset, length, name = row[ext]
-                where = f"shard {shard.tar} member {name}"
-                tars[shard].seek(offset)
-                data = tars[shard].read(length)
-                if len(data) != length:
-                    raise ShardError(f"cannot read {where}: shard is shorter than its index says")
-                image = decode_resized(data, size, where)
+                data = read_member(tars[shard], shard.tar, row[ext])
+                image = decode_resized(data, size, f"shard {shard.tar} member {row[ext][2]}")
                 out[m, i] = (image.flip(-1) if mirror[i] else image).permute(1, 2, 0)
         if self.normalize:  # (x - 255 mean) / (255 std) = deblur.norm.normalize(x / 255)
             # Whole (S, S, 3) planes, not (3,) vectors: broadcasting only over the batch keeps

@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from deblur.shard.check import check_dataset
 from deblur.training.checkpoint import remove_partial_saves, resume_checkpoint, save_checkpoint, step_dir_name
 from deblur.training.config import Config, dump_config
 from deblur.training.feed import Feed
@@ -35,6 +36,13 @@ from deblur.training.validation import validate_and_sample
 def train(cfg: Config) -> str:
     """Run (or resume) training. Returns "finished" or "stopped" (signal; checkpoint saved)."""
     accelerator = build_accelerator(cfg)
+    # Before anything is written: manifest, indexes and sha256 of every split, val/test members decoded.
+    check_dataset(
+        cfg.data.shards,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        progress=accelerator.is_main_process,
+    )
     stop = StopRequest()
     torch.backends.cudnn.benchmark = True  # fixed 64x64 shapes: let cuDNN pick its fastest kernels
     checkpoints, config_yaml = cfg.output_dir / "checkpoints", dump_config(cfg)

@@ -59,7 +59,7 @@ def validate(
 
     Ranks may run different numbers of batches here (the loaders' drop_last=False), so nothing
     inside the loop may be a collective. The generator runs unwrapped: a DDP forward under
-    no_grad with broadcast_buffers=False issues none either (torch's DistributedDataParallel.
+    no_grad with forward_sync_buffers=False issues none either (torch's DistributedDataParallel.
     _pre_forward/_post_forward only sync with gradients enabled or buffers broadcast), but the
     plain module makes that evident. The one collective, the reduce, comes after the loop, and
     every rank reaches it, one that had no batch included.
