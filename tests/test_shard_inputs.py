@@ -15,8 +15,10 @@ from PIL import Image
 
 from deblur.images import ImageError, decode_rgb, load_rgb
 from deblur.shard.build import build_shards, main
+from deblur.shard.check import check_jpeg
 from deblur.shard.settings import BuildSettings
 from tests.conftest import photo_crops
+from tests.shard_damage import flip_entropy_bits
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -78,6 +80,8 @@ def messy_folder(tmp_path_factory) -> Path:
         # broken or unusable
         "zero.jpg": b"",
         "truncated.jpg": jpeg[: len(jpeg) // 2],
+        # decodes in PIL (to garbage), with only a libjpeg warning: the readers refuse it
+        "corrupt.jpg": flip_entropy_bits(jpeg),
         "text.jpg": b"this is not an image\n",
         "notes.txt": b"hello\n",
         "small.jpg": encode(flat("RGB", (1, 2, 3), (40, 50)), "JPEG"),
@@ -95,6 +99,7 @@ def messy_folder(tmp_path_factory) -> Path:
 SKIPPED = {
     "zero.jpg": "empty file",
     "truncated.jpg": "cannot decode",
+    "corrupt.jpg": "corrupt JPEG data: Corrupt JPEG data",
     "text.jpg": "cannot decode",
     "notes.txt": "cannot decode",
     "small.jpg": "too small: 40x50",
@@ -136,6 +141,13 @@ def test_broken_files_are_skipped_with_reasons(messy_build):
     for path, expected in SKIPPED.items():
         assert expected in reasons[path], (path, reasons[path])
     assert manifest["splits"]["val"]["shards"] == [] and manifest["splits"]["test"]["shards"] == []
+
+
+def test_every_stored_member_passes_the_readers_check(messy_build):
+    _, samples = messy_build
+    for key, members in samples.items():
+        for ext in ("sharp.jpg", "blur.jpg"):
+            check_jpeg(members[ext], f"{key}.{ext}")  # raises on a libjpeg warning
 
 
 def test_awkward_images_become_8bit_rgb(messy_build):

@@ -19,6 +19,7 @@ from deblur.shard.build import build_shards, main
 from deblur.shard.settings import BuildSettings
 from deblur.shard.verify import verify
 from tests.conftest import dataset_files
+from tests.shard_damage import corrupt_member
 
 ENV = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 OPTS = dict(seed=3, val_fraction=0.2, test_fraction=0.2, shard_size=6, workers=1, progress=False)
@@ -151,6 +152,18 @@ def test_verify_catches_an_undecodable_member(reference, tmp_path):
     (bad / name).write_bytes(bytes(data))
     problems = verify(bad, progress=False)
     assert any(name in p and "sharp.jpg does not decode" in p for p in problems), problems
+
+
+def test_verify_catches_a_member_libjpeg_only_warns_about(reference, tmp_path):
+    # Bit flips in the entropy-coded data: PIL decodes them to garbage; the readers refuse them.
+    bad = tmp_path / "bad"
+    shutil.copytree(reference, bad)
+    name = json.loads((bad / "manifest.json").read_text())["splits"]["train"]["shards"][0]["name"]
+    key = corrupt_member(bad, name, 0, "blur.jpg").split(".")[0]
+    problems = verify(bad, progress=False)
+    assert any(p.startswith(f"{name}: sample {key}: cannot decode blur.jpg: Corrupt JPEG data") for p in problems), (
+        problems
+    )
 
 
 def test_sigkilled_cli_build_leaves_only_complete_tars(tiny_photo_folder, tmp_path):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from deblur.errors import InputError
 from deblur.files import sha256_file
 from deblur.shard.blur import kernel_from_params, stored_blur
+from deblur.shard.check import check_jpeg
 from deblur.shard.folder import PARTIAL
 from deblur.shard.format import (
     BLURRED,
@@ -29,6 +30,7 @@ from deblur.shard.format import (
     SAMPLE_MEMBERS,
     SHARP,
     SPLITS,
+    ShardError,
     index_path,
     split_name,
     stored_size,
@@ -61,6 +63,11 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str, s
                 im.load()
                 if im.format != "JPEG" or im.size != size:
                     problems.append(f"{where}: {ext} is {im.format} {im.size}, json size {size}")
+            # The readers' own test of a member: libjpeg without a warning (PIL decodes
+            # "Corrupt JPEG data" into garbage without a word).
+            check_jpeg(members[ext], f"{ext}")
+        except ShardError as e:
+            problems.append(f"{where}: {e}")
         except Exception as e:  # any decode failure is a finding, whatever PIL raises
             problems.append(f"{where}: {ext} does not decode: {type(e).__name__}: {e}")
     return problems

@@ -37,7 +37,8 @@ from PIL import Image
 from deblur.errors import Fault, debug_enabled
 from deblur.images import ImageError, decode_rgb
 from deblur.shard.blur import apply_blur, draw_params
-from deblur.shard.format import BLURRED, META, SHARP, stored_size
+from deblur.shard.check import check_jpeg
+from deblur.shard.format import BLURRED, META, SHARP, ShardError, stored_size
 from deblur.shard.settings import JPEG_QUALITY, BuildSettings
 from deblur.shard.sources import Item, not_regular
 
@@ -105,8 +106,14 @@ def _make_sample(item: Item, settings: BuildSettings) -> Result:
         return "skip", data
     try:
         decoded = decode_rgb(data, item.rel, min_size=settings.min_size, max_pixels=settings.max_pixels)
+        if decoded.format == "JPEG":
+            # PIL decodes "Corrupt JPEG data" into garbage with no more than a libjpeg warning;
+            # the readers refuse such members (deblur.shard.check), so the builder does too.
+            check_jpeg(data, "source")
     except ImageError as e:
         return "skip", str(e).removeprefix(f"{item.rel}: ")
+    except ShardError as e:
+        return "skip", str(e).replace("cannot decode source: ", "corrupt JPEG data: ", 1)
     sharp = np.asarray(decoded.image)
     h, w = sharp.shape[:2]
     # Blur at the source resolution, then downscale both members alike (the original
