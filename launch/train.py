@@ -11,16 +11,21 @@ Examples:
 Running the same command again resumes from the latest checkpoint in output_dir. SIGTERM or
 Ctrl-C saves a checkpoint at the next step and exits. Accelerate's launcher flags go before the
 script; everything after it (``--config``, overrides) is ours.
+
+A failure is one line on stderr (``error: ...``), printed once for the whole run, and the exit
+status is 2 for bad input (config, data, output_dir, a checkpoint that cannot be resumed) and 1
+for a fault (disk full, a lost process); DEBLUR_DEBUG=1 adds the traceback. Under torch elastic
+(accelerate launch with several processes, torchrun) the launcher's failure summary quotes it.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from deblur.training.checkpoint import CheckpointError
-from deblur.training.config import ConfigError, load_config
+from deblur.errors import run_main
+from deblur.training.config import load_config
+from deblur.training.failures import labelled, report
 from deblur.training.loop import train
 
 
@@ -29,18 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="training config YAML (e.g. configs/ddp.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg)
-    except CheckpointError as exc:  # every rank raises it; one message is enough
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> None:
+        with labelled():
+            train(load_config(args.config, args.overrides))
+
+    return run_main(body, report=report)
 
 
 if __name__ == "__main__":

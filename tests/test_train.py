@@ -1,6 +1,6 @@
 """The trainer end to end: 2-process DDP on CPU (gloo) over the real loader and tiny shards.
 
-Every run goes through the real entry point, exactly as a user starts it:
+Every run goes through the real entry point, exactly as a user starts it (tests/runner.py):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...
 Runs are tiny (batch 2 per process, 12 steps) so the whole file takes a couple of minutes. The
 resume-on-another-size test also launches one process (``--num_processes 1``); the checkpoint
@@ -10,18 +10,25 @@ tests start from copies of the reference run's checkpoints to stay short.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from runner import (
+    CHECKPOINT_EVERY,
+    STEPS,
+    accelerate_launch,
+    clean_env,
+    error_lines,
+    finish,
+    kill_all,
+    launch,
+    tiny_run,
+    wait_for,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -31,98 +38,21 @@ from deblur.shard.format import manifest_split
 from deblur.training.checkpoint import state_digest, verify_checkpoint
 from deblur.training.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
-STEPS = 12
-CHECKPOINT_EVERY = 4
-RUN_TIMEOUT = 240
+
+def start(
+    shards: Path, out: Path, *overrides: str, processes: int = 2, flags: tuple[str, ...] = (), **env: str | None
+) -> subprocess.Popen:
+    """Start a CPU run through accelerate launch (2 processes unless told; ``flags``: more of its
+    flags). Output goes to out/../<out.name>.log (appended)."""
+    cmd = [*accelerate_launch(processes, *flags), *tiny_run(shards, out, *overrides)]
+    return launch(cmd, out, clean_env(**env))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(shards: Path, out: Path, *overrides: str, processes: int = 2) -> subprocess.Popen:
-    """Start a CPU run (2 processes unless told); output goes to out/../<out.name>.log (appended)."""
-    launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd = [
-        str(ACCELERATE),
-        "launch",
-        *launcher,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / "launch" / "train.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        f"data.shards={shards}",
-        f"output_dir={out}",
-        "data.batch_size=2",
-        "data.flip=false",
-        "data.workers=1",
-        f"train.max_steps={STEPS}",
-        f"train.checkpoint_every={CHECKPOINT_EVERY}",
-        "train.keep_checkpoints=2",
-        "train.log_every=1",
-        f"train.eval_every={STEPS}",
-        "train.record_batches=true",
-        "wandb.mode=disabled",
-        *overrides,  # later overrides win
-    ]
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "WANDB_SILENT": "true",
-    }
-    env.pop("WANDB_MODE", None)  # the config's wandb.mode decides
-    log = open(out.parent / f"{out.name}.log", "a")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, out: Path) -> str:
-    try:
-        proc.wait(timeout=RUN_TIMEOUT)
-    finally:
-        kill_all(proc)
-    return (out.parent / f"{out.name}.log").read_text()
-
-
-def run(shards: Path, out: Path, *overrides: str, processes: int = 2) -> str:
-    proc = start(shards, out, *overrides, processes=processes)
+def run(shards: Path, out: Path, *overrides: str, processes: int = 2, **env: str | None) -> str:
+    proc = start(shards, out, *overrides, processes=processes, **env)
     text = finish(proc, out)
     assert proc.returncode == 0, text[-4000:]
     return text
-
-
-def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and its workers (they run in sessions of their own)."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path} appeared"
-        assert time.monotonic() < deadline, f"timed out waiting for {path}"
-        time.sleep(0.1)
 
 
 def batches(out: Path, rank: int) -> dict[tuple[int, int], dict]:
@@ -298,8 +228,10 @@ def test_non_finite_losses_stop_every_rank_with_a_clear_error(tiny_shards, tmp_p
     proc = start(tiny_shards, out, "optim.g_lr=1e30", "train.max_consecutive_skips=3")
     log = finish(proc, out)
     assert proc.returncode != 0
-    assert "3 updates in a row had a non-finite loss" in log
-    assert "train.max_consecutive_skips=3" in log
+    # Every rank stops on the same agreed verdict: one line, printed by the main process.
+    [line] = error_lines(log)
+    assert line.startswith("error: by step") and "3 updates in a row had a non-finite loss" in line, log[-3000:]
+    assert "train.max_consecutive_skips=3" in log and "internal error" not in log
 
 
 def saved_state_digest(checkpoint: Path) -> str:
@@ -378,7 +310,8 @@ def test_with_no_checkpoint_that_verifies_every_rank_stops_with_one_clear_error(
     proc = start(tiny_shards, out)
     log = finish(proc, out)
     assert proc.returncode != 0
-    assert log.count(f"error: no checkpoint in {out / 'checkpoints'} verifies") == 1
+    [line] = error_lines(log)
+    assert line.startswith(f"error: no checkpoint in {out / 'checkpoints'} verifies")
     assert "optimizer.bin does not match its sha256 in manifest.json" in log
     aside = out / "checkpoints" / f"corrupt-step-{STEPS:07d}"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [aside.name]  # nothing deleted
