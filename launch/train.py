@@ -2,20 +2,21 @@
 
     accelerate launch launch/train.py --config configs/ddp.yaml [key.sub=value ...]
 
-Examples:
+Examples (docs/cluster.md has every launcher, Slurm included):
     accelerate launch --multi_gpu --num_processes 8 launch/train.py --config configs/ddp.yaml
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
-        launch/train.py --config configs/demo.yaml train.max_steps=50
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml   # 2 CPU processes
+    torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml
     python launch/train.py --config configs/demo.yaml          # one process, no launcher
 
-Running the same command again resumes from the latest checkpoint in output_dir. SIGTERM or
-Ctrl-C saves a checkpoint at the next step and exits. Accelerate's launcher flags go before the
-script; everything after it (``--config``, overrides) is ours.
+Running the same command again resumes from the latest checkpoint in output_dir. SIGTERM,
+SIGUSR1 or Ctrl-C saves a checkpoint at the next step and exits; a second signal more than 3 s
+after the first aborts without saving. Launcher flags go before the script; everything after it
+(``--config``, overrides) is ours.
 
 A failure is one line on stderr (``error: ...``), printed once for the whole run, and the exit
 status is 2 for bad input (config, data, output_dir, a checkpoint that cannot be resumed) and 1
-for a fault (disk full, a lost process); DEBLUR_DEBUG=1 adds the traceback. Under torch elastic
-(accelerate launch with several processes, torchrun) the launcher's failure summary quotes it.
+for a fault (disk full, a lost process); DEBLUR_DEBUG=1 adds the traceback. Launchers add their
+own report after a process fails (docs/cluster.md, "When a run fails").
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Starting the real trainer from tests: the tiny run's overrides, a clean environment, free
 ports, waiting, and killing a launcher with every process it started.
 
-Used by test_train.py (DDP runs through ``accelerate launch``) and test_train_failures.py (one
-line per failure, the output_dir lock, disk full).
+Used by test_train.py (DDP runs through ``accelerate launch``), test_train_failures.py (one
+line per failure, the output_dir lock, disk full) and test_cluster.py (torchrun, srun, the
+Slurm script under stand-in Slurm commands).
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ def accelerate_launch(processes: int = 2, *flags: str) -> list[str]:
 
 
 def clean_env(**changes: str | None) -> dict[str, str]:
-    """This environment for CPU runs (ACCELERATE_USE_CPU, one thread per process), without a
-    W&B mode a user might have set, with ``changes`` applied (None removes)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", "ACCELERATE_USE_CPU": "true"}
-    env["OMP_NUM_THREADS"] = "1"
-    for name in ("WANDB_MODE", "WANDB_DISABLED"):
+    """This environment without the settings a user might have that tests must not inherit
+    (W&B's mode, thread counts, accelerate's CPU switch), with ``changes`` applied (None
+    removes)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
+    for name in ("WANDB_MODE", "WANDB_DISABLED", "OMP_NUM_THREADS", "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION"):
         env.pop(name, None)
     for name, value in changes.items():
         if value is None:

@@ -38,7 +38,7 @@ from deblur.training.validation import validate_and_sample
 def train(cfg: Config) -> str:
     """Run (or resume) training. Returns "finished" or "stopped" (signal; checkpoint saved)."""
     accelerator = build_accelerator(cfg)
-    stop = StopRequest()
+    stop = StopRequest(announce=accelerator.is_main_process)
     torch.backends.cudnn.benchmark = True  # fixed 64x64 shapes: let cuDNN pick its fastest kernels
     checkpoints, config_yaml = cfg.output_dir / "checkpoints", dump_config(cfg)
     # Setup that may fail on one rank runs `together`: every rank learns of a failure anywhere
@@ -109,7 +109,7 @@ def train(cfg: Config) -> str:
 
     if not stopped:  # the last step was checkpointed in the loop (or resumed from)
         final_outputs(cfg, accelerator, gan, log, step)
-    accelerator.end_training()
+    log.finish()
     if lock is not None:
         lock.release()
     return "stopped" if stopped else "finished"
