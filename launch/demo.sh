@@ -14,11 +14,10 @@ RUN=runs/demo  # output_dir in configs/demo.yaml
 
 python -m deblur.shard --demo --out "$SHARDS"
 
-# `--multi_gpu` with ACCELERATE_USE_CPU starts 2 CPU processes under DDP (gloo); `--cpu
-# --num_processes 2` would start only one. The other flags only silence accelerate's warnings
-# about defaults.
-ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
-    --mixed_precision no --dynamo_backend no \
+# `--multi_gpu --num_processes 2` starts 2 processes under DDP; without a GPU they run on the
+# CPU (gloo). configs/accelerate.yaml only keeps accelerate launch from warning about defaults
+# while leaving the precision to train.mixed_precision (auto).
+accelerate launch --config_file configs/accelerate.yaml --multi_gpu --num_processes 2 \
     launch/train.py --config configs/demo.yaml
 
 python -m deblur.evaluate --weights "$RUN/generator.safetensors" --shards "$SHARDS" --split test \
@@ -44,7 +43,9 @@ sys.exit(0 if beats else 1)
 PY
 
 grid=$(ls -1 "$RUN"/samples/*.png 2>/dev/null | tail -n 1 || true)
-wandb_run=$(ls -1d "$RUN"/wandb/offline-run-* 2>/dev/null | tail -n 1 || true)
+# One folder per attempt (a resumed run adds one, with the same run id); `wandb sync` uploads
+# them in order into one W&B run.
+wandb_runs=$(ls -1d "$RUN"/wandb/offline-run-* 2>/dev/null | tr '\n' ' ' || true)
 cat <<MSG
 
 Demo finished.
@@ -52,7 +53,8 @@ Demo finished.
   sample grid       : ${grid:-none written (see $RUN/samples)}
   training metrics  : $RUN/metrics.json   (test split, from the trainer)
   evaluation        : $RUN/evaluate.txt   (restored vs blurred vs Wiener vs Richardson-Lucy)
-  W&B offline run   : ${wandb_run:-none (wandb disabled?)}   upload later with: wandb sync ${wandb_run:-<run dir>}
+  W&B offline run   : ${wandb_runs:-none (wandb disabled?)}
+                      upload later with: wandb sync ${wandb_runs:-<run dirs>}
 Deblur your own images:
   python -m deblur.infer --weights $RUN/generator.safetensors --out restored/ image.jpg
 

@@ -2,25 +2,31 @@
 
     accelerate launch launch/train.py --config configs/ddp.yaml [key.sub=value ...]
 
-Examples:
+Examples (docs/cluster.md has every launcher, Slurm included):
     accelerate launch --multi_gpu --num_processes 8 launch/train.py --config configs/ddp.yaml
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
-        launch/train.py --config configs/demo.yaml train.max_steps=50
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml   # 2 CPU processes
+    torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml
     python launch/train.py --config configs/demo.yaml          # one process, no launcher
 
-Running the same command again resumes from the latest checkpoint in output_dir. SIGTERM or
-Ctrl-C saves a checkpoint at the next step and exits. Accelerate's launcher flags go before the
-script; everything after it (``--config``, overrides) is ours.
+Running the same command again resumes from the latest checkpoint in output_dir. SIGTERM,
+SIGUSR1 or Ctrl-C saves a checkpoint at the next step and exits; a second signal more than 3 s
+after the first aborts without saving. Launcher flags go before the script; everything after it
+(``--config``, overrides) is ours.
+
+A failure is one line on stderr (``error: ...``), printed once for the whole run, and the exit
+status is 2 for bad input (config, data, output_dir, a checkpoint that cannot be resumed) and 1
+for a fault (disk full, a lost process); DEBLUR_DEBUG=1 adds the traceback. Launchers add their
+own report after a process fails (docs/cluster.md, "When a run fails").
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from deblur.training.checkpoint import CheckpointError
-from deblur.training.config import ConfigError, load_config
+from deblur.errors import run_main
+from deblur.training.config import load_config
+from deblur.training.failures import labelled, report
 from deblur.training.loop import train
 
 
@@ -29,18 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="training config YAML (e.g. configs/ddp.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        train(cfg)
-    except CheckpointError as exc:  # every rank raises it; one message is enough
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> None:
+        with labelled():
+            train(load_config(args.config, args.overrides))
+
+    return run_main(body, report=report)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from deblur.errors import Fault, free_space
 from deblur.loading.loader import make_loader
 from deblur.training import checkpoint as ckpt
+from deblur.training.failures import is_every_rank
 
 
 class OneProcess:
@@ -229,3 +232,39 @@ def test_bench_times_durable_and_unsynced_saves(tmp_path):
     assert result["benchmark"] == "checkpoint" and 80 < result["size_mib"] < 100
     assert result["median_ms"]["durable"] > 0 and result["median_ms"]["no fsync"] > 0 and result["verify_ms"] > 0
     assert list(tmp_path.iterdir()) == []  # its checkpoints are removed
+
+
+@pytest.mark.parametrize("stage", ["models", "manifest"])
+def test_disk_full_while_saving_removes_the_partial_save_and_leaves_the_others(tmp_path, monkeypatch, stage):
+    # ENOSPC in the middle of a rank's part (Accelerate's save_state), or while the main process
+    # publishes (the manifest): one Fault that says so with the space left, the partial
+    # .tmp-step-* gone, the older checkpoints untouched and still verifying.
+    checkpoints = tmp_path / "checkpoints"
+    older = [save(checkpoints, step) for step in (10, 20)]
+    before = snapshot(checkpoints)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(checkpoints / ".tmp-step-0000030" / "x"))
+
+    if stage == "models":
+        monkeypatch.setattr(OneProcess, "save_state", disk_full)
+    else:
+        monkeypatch.setattr(ckpt, "write_manifest", disk_full)
+    with pytest.raises(Fault) as error:
+        save(checkpoints, 30)
+
+    message = str(error.value)
+    assert message.startswith(f"checkpoint step-0000030 not saved: disk full ({free_space(checkpoints)}); ")
+    assert message.endswith(
+        "its partial folder .tmp-step-0000030 was removed, the checkpoints saved before are untouched "
+        "(the newest is step-0000020)"
+    )
+    assert error.value.exit_code == 1 and is_every_rank(error.value)  # every rank raises it: one report
+    assert snapshot(checkpoints) == before and all(ckpt.verify_checkpoint(p) == [] for p in older)
+
+
+def test_a_failed_torch_save_on_a_full_disk_counts_as_disk_full(tmp_path):
+    # torch.save loses the errno ("unexpected pos ..."): less space than a checkpoint needs says it.
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert ckpt.describe_write_failure(error, tmp_path, needed=2**60).startswith("disk full (")
+    assert ckpt.describe_write_failure(error, tmp_path, needed=0).startswith("RuntimeError: [enforce fail")

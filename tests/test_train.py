@@ -1,7 +1,8 @@
 """The trainer end to end: 2-process DDP on CPU (gloo) over the real loader and tiny shards.
 
-Every run goes through the real entry point, exactly as a user starts it:
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...
+Every run goes through the real entry point, exactly as a user starts it (no
+ACCELERATE_USE_CPU, no thread settings: tests/runner.py):
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py --config ...
 Runs are tiny (batch 2 per process, 12 steps) so the whole file takes a couple of minutes. The
 resume-on-another-size test also launches one process (``--num_processes 1``); the checkpoint
 tests start from copies of the reference run's checkpoints to stay short.
@@ -9,19 +10,31 @@ tests start from copies of the reference run's checkpoints to stay short.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from runner import (
+    CHECKPOINT_EVERY,
+    STEPS,
+    accelerate_launch,
+    clean_env,
+    error_lines,
+    finish,
+    kill_all,
+    launch,
+    tiny_run,
+    trainers,
+    wait_for,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -32,98 +45,22 @@ from deblur.shard.settings import BuildSettings
 from deblur.training.checkpoint import state_digest, verify_checkpoint
 from deblur.training.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = Path(sys.executable).with_name("accelerate")
-STEPS = 12
-CHECKPOINT_EVERY = 4
-RUN_TIMEOUT = 240
+
+def start(
+    shards: Path, out: Path, *overrides: str, processes: int = 2, flags: tuple[str, ...] = (), **env: str | None
+) -> subprocess.Popen:
+    """Start a CPU run through accelerate launch (2 processes unless told; ``flags``: more of its
+    flags), as a user would: no ACCELERATE_USE_CPU, no thread settings. Output goes to
+    out/../<out.name>.log (appended)."""
+    cmd = [*accelerate_launch(processes, *flags), *tiny_run(shards, out, *overrides)]
+    return launch(cmd, out, clean_env(**env))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(shards: Path, out: Path, *overrides: str, processes: int = 2) -> subprocess.Popen:
-    """Start a CPU run (2 processes unless told); output goes to out/../<out.name>.log (appended)."""
-    launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd = [
-        str(ACCELERATE),
-        "launch",
-        *launcher,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / "launch" / "train.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        f"data.shards={shards}",
-        f"output_dir={out}",
-        "data.batch_size=2",
-        "data.flip=false",
-        "data.workers=1",
-        f"train.max_steps={STEPS}",
-        f"train.checkpoint_every={CHECKPOINT_EVERY}",
-        "train.keep_checkpoints=2",
-        "train.log_every=1",
-        f"train.eval_every={STEPS}",
-        "train.record_batches=true",
-        "wandb.mode=disabled",
-        *overrides,  # later overrides win
-    ]
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "WANDB_SILENT": "true",
-    }
-    env.pop("WANDB_MODE", None)  # the config's wandb.mode decides
-    log = open(out.parent / f"{out.name}.log", "a")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, out: Path) -> str:
-    try:
-        proc.wait(timeout=RUN_TIMEOUT)
-    finally:
-        kill_all(proc)
-    return (out.parent / f"{out.name}.log").read_text()
-
-
-def run(shards: Path, out: Path, *overrides: str, processes: int = 2) -> str:
-    proc = start(shards, out, *overrides, processes=processes)
+def run(shards: Path, out: Path, *overrides: str, processes: int = 2, **env: str | None) -> str:
+    proc = start(shards, out, *overrides, processes=processes, **env)
     text = finish(proc, out)
     assert proc.returncode == 0, text[-4000:]
     return text
-
-
-def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and its workers (they run in sessions of their own)."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path} appeared"
-        assert time.monotonic() < deadline, f"timed out waiting for {path}"
-        time.sleep(0.1)
 
 
 def batches(out: Path, rank: int) -> dict[tuple[int, int], dict]:
@@ -189,6 +126,11 @@ def test_run_writes_its_outputs(reference, tiny_shards):
     assert (reference / "samples" / f"step-{STEPS:07d}.png").is_file()
     log = (reference.parent / f"{reference.name}.log").read_text()
     assert "precision: " in log and "compile: off" in log  # the choices are logged, with reasons
+    # CPU DDP without ACCELERATE_USE_CPU; each process takes its share of the 2 cores although
+    # accelerate launch set OMP_NUM_THREADS=1; W&B's mode as configured.
+    assert "processes: 2 (nodes 1), started by accelerate launch" in log
+    assert f"threads: {max(1, len(os.sched_getaffinity(0)) // 2)} per process (auto: " in log
+    assert "wandb: offline (wandb.mode=offline in the config)" in log
     assert "Warning" not in log, log  # no FutureWarning/UserWarning spam (e.g. DDP's broadcast_buffers)
     assert "done: " in log and "restored PSNR" in log and "{" not in log.split("done: ")[1].splitlines()[0]
 
@@ -200,6 +142,7 @@ def test_wandb_run_lives_in_the_output_dir(reference):
     assert len(records) == 1
     assert b"max_consecutive_skips" in records[0].read_bytes()  # the resolved config is in the run
     assert b"resolved" in records[0].read_bytes()  # with what auto chose
+    assert b"processes" in records[0].read_bytes() and b"nodes" in records[0].read_bytes()
     assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))  # the sample grid
 
 
@@ -257,34 +200,51 @@ def test_losses_fall_when_overfitting(tiny_photo_folder, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_matches(reference, tiny_shards, tmp_path):
+    # What a cluster delivers: Slurm signals every process of the job step (the workers, W&B's
+    # service process...), then the launcher forwards its own copy to each worker half a second
+    # later. One request: save and stop; W&B's service dying with the rest ends nothing.
     out = tmp_path / "sigterm"
-    proc = start(tiny_shards, out)
+    proc = start(tiny_shards, out, "wandb.mode=offline")
     wait_for(out / "checkpoints" / f"step-{CHECKPOINT_EVERY:07d}", proc)
+    assert len(trainers(proc)) == 2
+    for process in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both workers
     log = finish(proc, out)
-    assert "stop signal: saved" in log
+    assert "stop signal: saved" in log and "aborting" not in log, log[-3000:]
+    assert log.count("SIGTERM: saving a checkpoint at the next step") == 1  # the main process says it once
+    assert "internal error" not in log and not error_lines(log)
     assert not (out / "generator.safetensors").exists()  # stopped early, not finished
     saved = sorted((out / "checkpoints").iterdir())
     assert all(p.name.startswith("step-") for p in saved)  # nothing half-written is visible
     stopped_at = json.loads((saved[-1] / "trainer.json").read_text())["step"]
     assert CHECKPOINT_EVERY <= stopped_at < STEPS
 
-    log = run(tiny_shards, out)
+    log = run(tiny_shards, out, "wandb.mode=offline")
     assert f"resumed from {saved[-1]} at step {stopped_at}" in log
     assert_same_weights(generator_weights(out), generator_weights(reference))
     for rank in (0, 1):
         assert batches(out, rank) == batches(reference, rank)
+    # One W&B run across the restart: each attempt's offline folder carries the saved run id,
+    # and `wandb sync <all of them>` uploads them in order into that run (tracking.py).
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
 
 
 def test_sigterm_with_the_torch_loader_saves_too(tiny_shards, tmp_path):
     # The launcher's SIGTERM reaches the DataLoader worker processes as well; they must leave
     # it to the trainer instead of dying and crashing the rank before it can save.
     out = tmp_path / "sigterm-torch"
-    proc = start(tiny_shards, out, "data.loader=torch")
+    proc = start(tiny_shards, out, "data.loader=torch", flags=("--mixed_precision", "no"))
     wait_for(out / "checkpoints" / f"step-{CHECKPOINT_EVERY:07d}", proc)
     proc.send_signal(signal.SIGTERM)
     log = finish(proc, out)
     assert "stop signal: saved" in log, log[-4000:]
+    # The launcher's flag is the user's choice: it wins over auto, and the log says so.
+    assert "precision: no (accelerate launch --mixed_precision no" in log
     saved = sorted((out / "checkpoints").iterdir())
     assert (saved[-1] / "trainer.json").is_file() and (saved[-1] / "loader-rank1.json").is_file()
 
@@ -308,8 +268,10 @@ def test_non_finite_losses_stop_every_rank_with_a_clear_error(tiny_shards, tmp_p
     proc = start(tiny_shards, out, "optim.g_lr=1e30", "train.max_consecutive_skips=3")
     log = finish(proc, out)
     assert proc.returncode != 0
-    assert "3 updates in a row had a non-finite loss" in log
-    assert "train.max_consecutive_skips=3" in log
+    # Every rank stops on the same agreed verdict: one line, printed by the main process.
+    [line] = error_lines(log)
+    assert line.startswith("error: by step") and "3 updates in a row had a non-finite loss" in line, log[-3000:]
+    assert "train.max_consecutive_skips=3" in log and "internal error" not in log
 
 
 def saved_state_digest(checkpoint: Path) -> str:
@@ -388,7 +350,8 @@ def test_with_no_checkpoint_that_verifies_every_rank_stops_with_one_clear_error(
     proc = start(tiny_shards, out)
     log = finish(proc, out)
     assert proc.returncode != 0
-    assert log.count(f"error: no checkpoint in {out / 'checkpoints'} verifies") == 1
+    [line] = error_lines(log)
+    assert line.startswith(f"error: no checkpoint in {out / 'checkpoints'} verifies")
     assert "optimizer.bin does not match its sha256 in manifest.json" in log
     aside = out / "checkpoints" / f"corrupt-step-{STEPS:07d}"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [aside.name]  # nothing deleted
@@ -409,7 +372,12 @@ def test_checkpoints_resume_across_the_compile_switch(tiny_shards, tmp_path):
     # compiled-kernel rounding (fp32, so that rounding is small).
     steps = ("train.checkpoint_every=1", "train.keep_checkpoints=5", "train.mixed_precision=no", "train.eval_every=100")
     reference = tmp_path / "eager"
-    run_one_process(tiny_shards, reference, "train.max_steps=4", "train.compile=false", *steps)
+    log = run_one_process(tiny_shards, reference, "train.max_steps=4", "train.compile=false", *steps)
+    # accelerate launch sets OMP_NUM_THREADS=1 for its one process; the trainer uses the cores.
+    cores = len(os.sched_getaffinity(0))
+    if cores > 1:
+        assert f"threads: {cores} per process (auto: {cores} usable cores / 1 process on them; " in log
+        assert "replaces OMP_NUM_THREADS=1 set by accelerate launch)" in log
     out = tmp_path / "switch"
     run_one_process(tiny_shards, out, "train.max_steps=2", "train.compile=false", *steps)
     log = run_one_process(tiny_shards, out, "train.max_steps=3", "train.compile=true", *steps)

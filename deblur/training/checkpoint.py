@@ -16,14 +16,20 @@ the main process hashes and fsyncs each file, writes the manifest, fsyncs the fo
 to ``step-0001000`` and fsyncs ``checkpoints/``. ``rename`` within one directory is atomic and
 the data is on disk before it, so a folder named ``step-*`` is complete even after a crash of
 the machine, and a kill mid-save leaves the previous ones intact. Leftover ``.tmp-*`` folders
-are deleted at the next start. The checkpoint folder must be on a filesystem all ranks share.
+are deleted at the next start (only by the trainer holding ``output_dir``'s lock,
+deblur/training/lock.py). The checkpoint folder must be on a filesystem all ranks share. A save
+that fails on any rank (disk full, any write error) fails on every rank after the stage it
+failed in: the partial ``.tmp-*`` is removed, older checkpoints stay as they were, and all ranks
+raise one Fault naming the rank, the reason and the space left.
 
 Resuming verifies the newest ``step-*`` against its manifest before any state is loaded. One
 that does not verify (a file missing, cut short or changed) is reported by file name and set
 aside as ``corrupt-step-*`` (renamed, never deleted; rotation and resuming ignore it), and the
 next older one is tried. A checkpoint written by another number of processes resumes models,
 optimizers, scaler and counters exactly; each rank restarts the data at the beginning of the
-epoch the run was in (see :func:`relayout_loader_state`).
+epoch the run was in (see :func:`relayout_loader_state`). One whose training data settings
+differ (batch size, loader, flip, seed, the train split) is refused, naming the config keys
+(:func:`check_resumable`).
 
 ``python -m deblur.checkpoint RUN_DIR`` lists the checkpoints and whether each verifies.
 """
@@ -31,6 +37,8 @@ epoch the run was in (see :func:`relayout_loader_state`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -45,8 +53,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from deblur.errors import InputError
+from deblur.errors import DeblurError, Fault, InputError, free_space
 from deblur.files import sha256_file, write_atomic
+from deblur.training.failures import agree, every_rank
 
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 TRAINER_STATE = "trainer.json"
@@ -205,17 +214,25 @@ def save_checkpoint(
     config_yaml: str,
     keep: int,
 ) -> Path:
-    """Collective: every rank must call it at the same step. Returns the final folder."""
+    """Collective: every rank must call it at the same step. Returns the final folder.
+
+    A failure on any rank (disk full, any write error) is agreed by all ranks after each stage,
+    so no rank is left waiting: the partial ``.tmp-step-*`` is removed, every checkpoint saved
+    before is left as it was, and every rank raises the same Fault saying what failed, on which
+    rank, and how much space is left."""
     final = checkpoints / step_dir_name(step)
     tmp = checkpoints / f".tmp-{final.name}"
-    if accelerator.is_main_process:
+    needed = max((mib(path) * 2**20 for _, path in complete_checkpoints(checkpoints)[-1:]), default=64 * 2**20)
+
+    def start() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    (tmp / loader_state_name(accelerator.process_index)).write_text(json.dumps(loader_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def write_part() -> None:
+        accelerator.save_state(str(tmp))
+        (tmp / loader_state_name(accelerator.process_index)).write_text(json.dumps(loader_state))
+
+    def publish() -> None:
         (tmp / "config.yaml").write_text(config_yaml)
         state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
@@ -227,8 +244,54 @@ def save_checkpoint(
             fsync_path(folder)
         for _, old in complete_checkpoints(checkpoints)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    # The main process makes the folder, every rank writes its part, the main process publishes;
+    # each stage ends with all ranks agreeing that it succeeded everywhere (also their barrier).
+    for stage, on_every_rank in ((start, False), (write_part, True), (publish, False)):
+        failure = None
+        if on_every_rank or accelerator.is_main_process:
+            try:
+                stage()
+            except Exception as error:
+                failure = Fault(describe_write_failure(error, checkpoints, needed))
+        try:
+            agree(accelerator, failure)
+        except DeblurError as agreed:
+            if accelerator.is_main_process and not final.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            saved = complete_checkpoints(checkpoints)
+            before = f"the newest is {saved[-1][1].name}" if saved else "there is none yet"
+            raise every_rank(
+                Fault(
+                    f"checkpoint {final.name} not saved: {agreed}; its partial folder {tmp.name} was removed, "
+                    f"the checkpoints saved before are untouched ({before})"
+                )
+            ) from agreed
     return final
+
+
+def describe_write_failure(error: BaseException, folder: Path, needed: float) -> str:
+    """One line for an error raised while writing a checkpoint, with the space left on its disk.
+
+    torch.save reports a failed write without its errno ("unexpected pos ...", "file write
+    failed"), so one that fails while less space is left than a checkpoint needs (the size of
+    the newest one) counts as disk full."""
+    text = " ".join(str(error).split())
+    code = getattr(error, "errno", None)
+    if code == errno.EDQUOT or "Disk quota exceeded" in text:
+        return f"disk quota exceeded ({free_space(folder)})"
+    usage = None
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists()))
+    if (
+        code == errno.ENOSPC
+        or "No space left on device" in text
+        or (not isinstance(error, OSError) and usage is not None and usage.free < needed)
+    ):
+        return f"disk full ({free_space(folder)})"
+    if isinstance(error, OSError):
+        return f"{error.filename or folder}: {error.strerror or text} ({free_space(folder)})"
+    return f"{type(error).__name__}: {text} ({free_space(folder)})"
 
 
 def agree_on_checkpoint(accelerator: Accelerator, checkpoints: Path) -> Path | None:
@@ -245,8 +308,42 @@ def agree_on_checkpoint(accelerator: Accelerator, checkpoints: Path) -> Path | N
     for note in notes:
         accelerator.print(note)
     if error is not None:
-        raise CheckpointError(error)
+        raise every_rank(CheckpointError(error))
     return None if path is None else Path(path)
+
+
+# The training loader's settings that a checkpoint's data position depends on, and the config
+# keys they come from (rank and world_size may change: see relayout_loader_state).
+SETTING_KEYS = {
+    "batch_size": "data.batch_size",
+    "backend": "data.loader",
+    "flip": "data.flip",
+    "image_size": "data.image_size",
+    "seed": "seed",
+    "samples": "data.shards",
+    "shards": "data.shards",
+}
+
+
+def check_resumable(saved: dict[str, Any], fresh: dict[str, Any], path: Path) -> None:
+    """Refuse, naming the config keys, to resume a checkpoint whose training loader had other
+    settings than this run's (the same on every rank, so every rank raises it alike)."""
+    differing = []
+    for name, key in SETTING_KEYS.items():
+        if saved.get(name) == fresh.get(name) or any(key == seen for seen, _ in differing):
+            continue
+        if key == "data.shards":
+            here, there = (f"{s['samples']} train samples in {len(s['shards'])} shards" for s in (fresh, saved))
+        else:
+            here, there = (json.dumps(s.get(name)) for s in (fresh, saved))
+        differing.append((key, f"{key}: {here} here, {there} in the checkpoint"))
+    if differing:
+        raise every_rank(
+            CheckpointError(
+                f"{path} was trained with other settings: {'; '.join(text for _, text in differing)}; "
+                "resume with the checkpoint's values, or train in another output_dir"
+            )
+        )
 
 
 def relayout_loader_state(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +385,9 @@ def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, fresh_loader_
     path = agree_on_checkpoint(accelerator, checkpoints)
     if path is None:
         return None
+    check_resumable(
+        json.loads((path / loader_state_name(0)).read_text())["settings"], fresh_loader_state["settings"], path
+    )
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     accelerator.load_state(str(path))  # optimizer states are whole on every rank: any count loads them
     # The digest of exactly what save_state wrote (Accelerate's prepared models and optimizers, in

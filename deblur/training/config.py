@@ -11,8 +11,6 @@ frozen: code derives new values instead of mutating them.
 
 from __future__ import annotations
 
-import netrc
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -96,27 +94,21 @@ class TrainConfig(_Section):
     eval_every: PositiveInt = 500  # validation PSNR/SSIM over the whole val split + sample grid
     sample_images: PositiveInt = 8  # images in the sample grid
     max_consecutive_skips: PositiveInt = 20  # stop after this many non-finite updates in a row
+    # Compute threads of each process (torch.set_num_threads). None = the OMP_NUM_THREADS the
+    # user set, else the process's share of the usable cores (the cores it may run on divided by
+    # the processes of the run sharing them), whatever a launcher set; logged at start.
+    threads: PositiveInt | None = None
     # Diagnostic: append a hash of every training image each rank consumes to
     # output_dir/batches-rank<R>.jsonl (used to check that ranks see disjoint data).
     record_batches: bool = False
 
 
-def _has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def default_wandb_mode() -> str:
-    """``online`` only when credentials are configured; otherwise ``offline`` (sync later)."""
-    return "online" if _has_wandb_credentials() else "offline"
-
-
 class WandbConfig(_Section):
-    mode: Literal["online", "offline", "disabled"] = Field(default_factory=default_wandb_mode)
+    # auto = the WANDB_MODE environment variable if set, else offline (a local run folder that
+    # `wandb sync` uploads later): online by default would hang or fail on compute nodes without
+    # network, and a home directory's ~/.netrc (shared by every node of a cluster) says nothing
+    # about the network. See deblur/training/tracking.py.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "deblur"
     name: str | None = None  # W&B run name; defaults to the output folder's name
     entity: str | None = None
@@ -130,7 +122,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    wandb: WandbConfig = WandbConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe dict (paths as strings): the resolved config that runs save."""

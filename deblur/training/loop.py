@@ -21,10 +21,13 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from deblur.errors import InputError
 from deblur.shard.check import check_dataset
 from deblur.training.checkpoint import remove_partial_saves, resume_checkpoint, save_checkpoint, step_dir_name
 from deblur.training.config import Config, dump_config
+from deblur.training.failures import together
 from deblur.training.feed import Feed
+from deblur.training.lock import OutputLock, claim
 from deblur.training.meter import Meter, Throughput, interval_scalars
 from deblur.training.outputs import final_outputs
 from deblur.training.setup import build_accelerator, build_loader, build_models
@@ -36,23 +39,29 @@ from deblur.training.validation import validate_and_sample
 def train(cfg: Config) -> str:
     """Run (or resume) training. Returns "finished" or "stopped" (signal; checkpoint saved)."""
     accelerator = build_accelerator(cfg)
-    # Before anything is written: manifest, indexes and sha256 of every split, val/test members decoded.
-    check_dataset(
-        cfg.data.shards,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        progress=accelerator.is_main_process,
-    )
-    stop = StopRequest()
+    stop = StopRequest(announce=accelerator.is_main_process)
+    # Before anything is written: manifest, indexes and sha256 of every split, val/test members
+    # decoded; the ranks share the work, and a problem found by one stops all (one report).
+    with together(accelerator):
+        check_dataset(
+            cfg.data.shards,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            progress=accelerator.is_main_process,
+        )
     torch.backends.cudnn.benchmark = True  # fixed 64x64 shapes: let cuDNN pick its fastest kernels
     checkpoints, config_yaml = cfg.output_dir / "checkpoints", dump_config(cfg)
-    prepare_output_dir(accelerator, cfg.output_dir, checkpoints, config_yaml)
+    # Setup that may fail on one rank runs `together`: every rank learns of a failure anywhere
+    # (one report, no rank left waiting in a collective); deblur/training/failures.py.
+    with together(accelerator):
+        lock = prepare_output_dir(accelerator, cfg.output_dir, checkpoints, config_yaml)
 
     gan = build_models(cfg, accelerator)
-    train_loader = build_loader(cfg, accelerator, "train", train=True)
-    if train_loader is None:
-        raise ValueError(f"{cfg.data.shards}: the train split is empty")
-    val_loader = build_loader(cfg, accelerator, "val", train=False)
+    with together(accelerator):
+        train_loader = build_loader(cfg, accelerator, "train", train=True)
+        if train_loader is None:
+            raise InputError(f"{cfg.data.shards}: the train split is empty")
+        val_loader = build_loader(cfg, accelerator, "val", train=False)
     step, counters = resume(accelerator, checkpoints, train_loader, config_yaml)
 
     init_tracking(cfg, accelerator)
@@ -110,17 +119,22 @@ def train(cfg: Config) -> str:
 
     if not stopped:  # the last step was checkpointed in the loop (or resumed from)
         final_outputs(cfg, accelerator, gan, log, step)
-    accelerator.end_training()
+    log.finish()
+    if lock is not None:
+        lock.release()
     return "stopped" if stopped else "finished"
 
 
-def prepare_output_dir(accelerator: Accelerator, out: Path, checkpoints: Path, config_yaml: str) -> None:
-    """Create ``output_dir``, drop unfinished checkpoint saves of a killed run, write config.yaml."""
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_partial_saves(checkpoints)
-        (out / "config.yaml").write_text(config_yaml)
-    accelerator.wait_for_everyone()
+def prepare_output_dir(accelerator: Accelerator, out: Path, checkpoints: Path, config_yaml: str) -> OutputLock | None:
+    """Main process: claim ``output_dir`` for this run (deblur/training/lock.py: a second trainer
+    is refused before it changes anything), drop unfinished checkpoint saves of a killed run,
+    write config.yaml. Returns the held lock (None on the other ranks)."""
+    if not accelerator.is_main_process:
+        return None
+    lock = claim(out)
+    remove_partial_saves(checkpoints)
+    (out / "config.yaml").write_text(config_yaml)
+    return lock
 
 
 def resume(accelerator: Accelerator, checkpoints: Path, train_loader, config_yaml: str) -> tuple[int, dict[str, int]]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import os
+import socket
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import gather_object, parse_flag_from_env, set_seed
 from torch.nn.parallel import DistributedDataParallel
 
 from deblur.loading.contract import usable_cores
@@ -17,7 +19,9 @@ from deblur.models import Discriminator, Generator
 from deblur.shard.format import manifest_split
 from deblur.training.config import Config
 from deblur.training.gan import GanStep, make_optimizer
-from deblur.training.hardware import resolve_compile, resolve_precision
+from deblur.training.hardware import resolve_compile, resolve_precision, resolve_threads
+from deblur.training.launcher import Launch, detect, srun_environment
+from deblur.training.tracking import resolve_wandb_mode
 
 
 class _DdpKwargs(DistributedDataParallelKwargs):
@@ -31,24 +35,84 @@ class _DdpKwargs(DistributedDataParallelKwargs):
         return {"broadcast_buffers": False}
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    """Accelerate with the precision ``train.mixed_precision`` resolves to on this device."""
-    # The process group and device, before the precision is chosen; `cpu` as Accelerator reads
-    # it (a PartialState made without it ignores ACCELERATE_USE_CPU and sees one process).
-    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
-    precision, why = resolve_precision(cfg.train.mixed_precision, device)
-    accelerator = Accelerator(
+@dataclass(frozen=True)
+class RunLayout:
+    """Where the run's processes are and what each may use: logged at start, in the W&B config."""
+
+    processes: int
+    nodes: int
+    cores: int  # this process's share of the usable cores (the loader's default workers)
+    threads: int  # compute threads (torch.set_num_threads)
+    threads_why: str
+
+
+class RunAccelerator(Accelerator):
+    """Accelerate, plus how the run was launched and laid out. Prints once per run: Accelerate's
+    print is once per node, so a multi-node run's merged log repeated every line per node."""
+
+    launch: Launch
+    layout: RunLayout
+
+    def print(self, *args, **kwargs) -> None:
+        if self.is_main_process:
+            print(*args, **kwargs, flush=True)
+
+
+def build_accelerator(cfg: Config) -> RunAccelerator:
+    """Accelerate for however the run was launched (deblur.training.launcher), with the precision,
+    compute threads and W&B mode resolved as deblur/training/hardware.py says; logs each choice."""
+    launch = detect()
+    launched_threads = os.environ.get("OMP_NUM_THREADS")  # the launcher's, or the user's
+    # srun starting one process per task: Slurm's layout, in the variables torch reads.
+    os.environ.update(srun_environment(os.environ))
+    launch.refuse_fewer_processes(int(os.environ.get("WORLD_SIZE", "1")))
+    # Without cpu=True Accelerate joins CPU processes into one run (gloo) only when told with
+    # ACCELERATE_USE_CPU, and otherwise starts each as a separate run of one process.
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    # With OMP_NUM_THREADS set (to anything), Accelerate's CPU setup leaves the threads alone
+    # instead of setting and warning about its own; measure_layout decides them below.
+    os.environ.setdefault("OMP_NUM_THREADS", str(launch.threads()[0] if launch.threads() else 1))
+    device = PartialState(cpu=cpu).device
+    precision, why = resolve_precision(cfg.train.mixed_precision, device, launch.mixed_precision())
+    wandb_mode, wandb_why = resolve_wandb_mode(cfg.wandb.mode)
+    accelerator = RunAccelerator(
+        cpu=cpu,
         mixed_precision=precision,
-        log_with="wandb" if cfg.wandb.mode != "disabled" else None,
+        dynamo_backend="no",  # train.compile compiles the models in place (build_models)
+        log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=str(cfg.output_dir),
     )
+    launch.refuse_fewer_processes(accelerator.num_processes)
+    accelerator.launch = launch
     # No buffer broadcast at each forward: it copies rank 0's BatchNorm buffers into every
     # replica in place, which is what breaks a BN module used twice before one backward on
     # CUDA. D's running statistics are never used (it always runs in train mode), so each rank
     # keeping its own is harmless. See deblur/training/gan.py for the full argument.
     accelerator.ddp_handler = _DdpKwargs()
+    accelerator.layout = layout = measure_layout(accelerator, cfg.train.threads, launch)
+    torch.set_num_threads(layout.threads)
+    for note in launch.notes:
+        accelerator.print(f"note: {note}")
+    accelerator.print(f"processes: {layout.processes} (nodes {layout.nodes}), started by {launch.launcher}")
     accelerator.print(f"precision: {precision} ({why})")
+    replaced = ""
+    if launched_threads not in (None, str(layout.threads)) and launch.threads() is None:
+        replaced = f"; replaces OMP_NUM_THREADS={launched_threads} set by {launch.launcher}"
+    accelerator.print(f"threads: {layout.threads} per process ({layout.threads_why}{replaced})")
+    accelerator.print(f"wandb: {wandb_mode} ({wandb_why})")
     return accelerator
+
+
+def measure_layout(accelerator: Accelerator, setting: int | None, launch: Launch) -> RunLayout:
+    """Collective: every process's node and the cores it may run on (its CPU affinity, which
+    Slurm's and taskset's binding set) -> the number of nodes and this process's share."""
+    node = (socket.gethostname(), os.environ.get("GROUP_RANK", ""))
+    mine = os.sched_getaffinity(0)
+    everyone = gather_object([(node, sorted(mine))]) if accelerator.num_processes > 1 else [(node, sorted(mine))]
+    sharing = sum(1 for other, cores in everyone if other == node and mine & set(cores))
+    threads, why = resolve_threads(setting, len(mine), sharing, launch.threads())
+    nodes = len({other for other, _ in everyone})
+    return RunLayout(accelerator.num_processes, nodes, max(1, len(mine) // sharing), threads, why)
 
 
 def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
@@ -57,7 +121,8 @@ def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
     set_seed(cfg.seed)  # the same seed on every rank: identical initial replicas
     generator = Generator(residual=cfg.model.residual)
     discriminator = Discriminator()
-    compiled, why = resolve_compile(cfg.train.compile, accelerator.device)
+    launch = getattr(accelerator, "launch", None)
+    compiled, why = resolve_compile(cfg.train.compile, accelerator.device, launch and launch.dynamo_backend())
     for model in (generator, discriminator):
         if cfg.train.channels_last:
             # Before DDP wraps the model: its gradient buckets take the parameters' layout.
@@ -88,6 +153,7 @@ def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool)
     :func:`deblur.training.validation.validate`. Metrics record the count of images measured."""
     if manifest_split(cfg.data.shards, split)[1] == 0:
         return None
+    cores = accelerator.layout.cores if isinstance(accelerator, RunAccelerator) else usable_cores()
     return make_loader(
         cfg.data.shards,
         split,
@@ -100,7 +166,7 @@ def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool)
         flip=cfg.data.flip and train,
         backend=cfg.data.loader,
         device=accelerator.device,
-        num_workers=cfg.data.workers or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
+        num_workers=cfg.data.workers or cores,
         drop_last=train,
         decode_threads=cfg.data.decode_threads,
         hw_decoder_load=cfg.data.hw_decoder_load,

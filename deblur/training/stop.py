@@ -1,30 +1,72 @@
-"""Stopping on a signal: SIGTERM/SIGINT only set a flag, and all ranks stop at the same step."""
+"""Stopping on a signal: SIGTERM, SIGINT and SIGUSR1 only set a flag, and all ranks stop at
+the same step, save a checkpoint and exit.
+
+The rule for repeated signals: every signal within ``REPEAT_WINDOW_S`` (3 s) of the first is the
+same request, however many come and of whichever kind, because clusters deliver several: Slurm
+signals every process of a job step and the launcher (torch elastic, ``accelerate launch``)
+forwards its own copy a moment later; a terminal's Ctrl-C reaches the whole foreground process
+group. A signal that comes later than that is deliberate and aborts at once, without saving
+(a second Ctrl-C when saving hangs; ``kill -9`` always works too). The first signal prints when
+and how to abort.
+
+SIGUSR1 is the signal ``launch/slurm.sbatch`` sends ahead of the time limit: launchers do not
+forward it and it is ignored in their processes there, so only the training processes act on it.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REPEAT_WINDOW_S = 3.0
+
 
 class StopRequest:
-    """SIGTERM/SIGINT only set a flag; the loop acts on it at a step boundary.
+    """SIGTERM/SIGINT/SIGUSR1 only set a flag; the loop acts on it at a step boundary (module
+    docstring: the rule for repeated signals).
 
-    A second signal aborts at once (e.g. Ctrl-C twice when a rank hangs), without saving.
-    """
+    ``announce``: print the first signal's message (the main process). Processes forked from
+    this one (DataLoader workers) keep the signals' previous behaviour, except that SIGUSR1 is
+    ignored there: it is meant for the trainer, and its default action would kill the worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.requested = False
+        self.first: tuple[str, float] | None = None
+        self._announce = announce
+        self._clock = clock
+        self._pid = os.getpid()
         self._pending: DeviceToHost | None = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}: aborting without saving")
-        self.requested = True
+        name = signal.Signals(signum).name
+        if os.getpid() != self._pid:  # a forked child, e.g. a DataLoader worker
+            if signum != signal.SIGUSR1:
+                signal.signal(signum, self._previous[signum])
+                os.kill(os.getpid(), signum)
+            return
+        now = self._clock()
+        if self.first is None:
+            self.first, self.requested = (name, now), True
+            if self._announce:
+                # os.write, not print: a handler may run in the middle of another write to stderr.
+                os.write(
+                    2,
+                    f"\n{name}: saving a checkpoint at the next step, then stopping; signals within "
+                    f"{REPEAT_WINDOW_S:.0f} s count as this one, a later one aborts without saving\n".encode(),
+                )
+            return
+        since = now - self.first[1]
+        if since <= REPEAT_WINDOW_S:
+            return  # the same request, delivered again (by the scheduler, the launcher, the terminal)
+        raise KeyboardInterrupt(f"{name} {since:.0f} s after {self.first[0]}: aborting without saving")
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every rank at the same step once any rank got a signal.
