@@ -12,7 +12,7 @@ BENCH = "deblur.bench"
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ([], "error: no benchmark named; usage: python -m deblur.bench {shard,loader,train,checkpoint,launch} [options]"),
+        ([], "error: no benchmark named; usage: python -m deblur.bench {shard,loader,train,checkpoint,launch}"),
         (["nope"], "error: unknown benchmark 'nope'; usage: python -m deblur.bench"),
         (["checkpoint", "--repeat", "0"], "error: --repeat: must be at least 1, got 0"),
         (["checkpoint", "--dir", "/nonexistent/runs"], "error: --dir /nonexistent/runs: not a folder"),

@@ -155,4 +155,5 @@ def test_the_trainer_stops_before_step_one_on_a_corrupt_val_member(shards, tmp_p
     result = run([sys.executable, "-c", TRAIN, "configs/demo.yaml", *overrides], timeout=120)
     line = error_line(result, 2, alone=False)
     assert line.startswith(f"error: cannot decode shard {shards / 'val-000000.tar'} member {name}: Corrupt JPEG data")
-    assert not out.exists() and files(shards) == before
+    # The run claimed output_dir (its lock comes first) and wrote nothing else.
+    assert [p.name for p in out.iterdir()] == ["trainer.lock"] and files(shards) == before

@@ -27,7 +27,7 @@ from deblur.training.checkpoint import remove_partial_saves, resume_checkpoint, 
 from deblur.training.config import Config, dump_config
 from deblur.training.failures import together
 from deblur.training.feed import Feed
-from deblur.training.lock import OutputLock, claim
+from deblur.training.lock import claim
 from deblur.training.meter import Meter, Throughput, interval_scalars
 from deblur.training.outputs import final_outputs
 from deblur.training.setup import build_accelerator, build_loader, build_models
@@ -40,21 +40,21 @@ def train(cfg: Config) -> str:
     """Run (or resume) training. Returns "finished" or "stopped" (signal; checkpoint saved)."""
     accelerator = build_accelerator(cfg)
     stop = StopRequest(announce=accelerator.is_main_process)
-    # Before anything is written: manifest, indexes and sha256 of every split, val/test members
-    # decoded; the ranks share the work, and a problem found by one stops all (one report).
-    with together(accelerator):
+    torch.backends.cudnn.benchmark = True  # fixed 64x64 shapes: let cuDNN pick its fastest kernels
+    checkpoints, config_yaml = cfg.output_dir / "checkpoints", dump_config(cfg)
+    # Setup that may fail on one rank runs `together`: every rank learns of a failure anywhere
+    # (one report, no rank left waiting in a collective); deblur/training/failures.py.
+    with together(accelerator):  # first: a second trainer on this output_dir is refused at once
+        lock = claim(cfg.output_dir) if accelerator.is_main_process else None
+    with together(accelerator):  # before anything is written: every split against its manifest
         check_dataset(
             cfg.data.shards,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
             progress=accelerator.is_main_process,
         )
-    torch.backends.cudnn.benchmark = True  # fixed 64x64 shapes: let cuDNN pick its fastest kernels
-    checkpoints, config_yaml = cfg.output_dir / "checkpoints", dump_config(cfg)
-    # Setup that may fail on one rank runs `together`: every rank learns of a failure anywhere
-    # (one report, no rank left waiting in a collective); deblur/training/failures.py.
     with together(accelerator):
-        lock = prepare_output_dir(accelerator, cfg.output_dir, checkpoints, config_yaml)
+        prepare_output_dir(accelerator, checkpoints, config_yaml)
 
     gan = build_models(cfg, accelerator)
     with together(accelerator):
@@ -125,16 +125,12 @@ def train(cfg: Config) -> str:
     return "stopped" if stopped else "finished"
 
 
-def prepare_output_dir(accelerator: Accelerator, out: Path, checkpoints: Path, config_yaml: str) -> OutputLock | None:
-    """Main process: claim ``output_dir`` for this run (deblur/training/lock.py: a second trainer
-    is refused before it changes anything), drop unfinished checkpoint saves of a killed run,
-    write config.yaml. Returns the held lock (None on the other ranks)."""
-    if not accelerator.is_main_process:
-        return None
-    lock = claim(out)
-    remove_partial_saves(checkpoints)
-    (out / "config.yaml").write_text(config_yaml)
-    return lock
+def prepare_output_dir(accelerator: Accelerator, checkpoints: Path, config_yaml: str) -> None:
+    """Main process, once this run holds ``output_dir`` (deblur/training/lock.py): drop
+    unfinished checkpoint saves of a killed run, write config.yaml."""
+    if accelerator.is_main_process:
+        remove_partial_saves(checkpoints)
+        (checkpoints.parent / "config.yaml").write_text(config_yaml)
 
 
 def resume(accelerator: Accelerator, checkpoints: Path, train_loader, config_yaml: str) -> tuple[int, dict[str, int]]:
