@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -344,3 +346,27 @@ def test_a_process_that_leaves_a_loader_mid_epoch_exits(tiny_shards, backend):
         [sys.executable, "-c", script, str(tiny_shards)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "one batch read" in done.stdout, done.stderr[-2000:]
+
+
+def test_torch_workers_leave_stop_signals_to_the_trainer_but_obey_their_parent(tiny_shards):
+    # Slurm signals every process of a step; a DataLoader worker that died of it would crash
+    # the rank before the trainer could save. Its parent's SIGTERM (the DataLoader's shutdown)
+    # must still end it.
+    import psutil
+
+    loader = make_loader(tiny_shards, "train", batch_size=2, backend="torch", num_workers=1)
+    before = set(psutil.Process().children())  # e.g. the shard builder's forkserver
+    batches = iter(loader)
+    next(batches)
+    (worker,) = set(psutil.Process().children()) - before
+    for name in ("USR1", "INT", "TERM"):  # sent by another process, as Slurm's are
+        subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+    next(batches)  # still served
+    assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+    worker.terminate()  # from this process, its parent
+    deadline = time.monotonic() + 10
+    while worker.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the worker ignored its parent's SIGTERM"
+        time.sleep(0.05)
+    ended = os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOWAIT)  # not reaped: the DataLoader's to do
+    assert (ended.si_code, ended.si_status) == (os.CLD_EXITED, 0)  # a clean exit, not death by the signal

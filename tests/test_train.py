@@ -235,14 +235,23 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_matches(reference, tiny_shards
 
 
 def test_sigterm_with_the_torch_loader_saves_too(tiny_shards, tmp_path):
-    # The launcher's SIGTERM reaches the DataLoader worker processes as well; they must leave
-    # it to the trainer instead of dying and crashing the rank before it can save.
+    # Slurm signals every process of the step, the DataLoader worker processes too (SIGTERM on
+    # preemption, SIGUSR1 before the time limit): they must leave it to the trainer instead of
+    # dying and crashing the rank before it can save. Then the launcher forwards its own copy.
     out = tmp_path / "sigterm-torch"
-    proc = start(tiny_shards, out, "data.loader=torch", flags=("--mixed_precision", "no"))
+    proc = start(tiny_shards, out, "data.loader=torch", "data.workers=2", flags=("--mixed_precision", "no"))
     wait_for(out / "checkpoints" / f"step-{CHECKPOINT_EVERY:07d}", proc)
+    for signum in (signal.SIGUSR1, signal.SIGINT, signal.SIGTERM):
+        workers = []
+        while not workers:  # the torch backend starts its workers afresh every epoch
+            workers = [p for trainer in trainers(proc) for p in trainer.children(recursive=True)]
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.send_signal(signum)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     log = finish(proc, out)
-    assert "stop signal: saved" in log, log[-4000:]
+    assert "stop signal: saved" in log and "killed by signal" not in log, log[-4000:]
     # The launcher's flag is the user's choice: it wins over auto, and the log says so.
     assert "precision: no (accelerate launch --mixed_precision no" in log
     saved = sorted((out / "checkpoints").iterdir())

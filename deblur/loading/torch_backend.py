@@ -25,6 +25,8 @@ import contextlib
 import io
 import os
 import random
+import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -124,17 +126,38 @@ class PairStream(IterableDataset):
         return images[0], images[1]
 
 
-def leave_launcher_process_group(worker_id: int) -> None:
-    """DataLoader worker init: take the worker out of the rank's process group.
+def shield_worker(worker_id: int) -> None:
+    """DataLoader worker init: leave the stop signals to the trainer.
 
-    ``accelerate launch`` forwards SIGTERM to each rank's whole process group (and a terminal's
-    Ctrl-C reaches its foreground group); a worker killed by it would crash the rank before the
-    trainer's save-on-signal can run. In a session of its own the worker gets neither, while the
-    signals aimed at it alone still work: the DataLoader's and multiprocessing's shutdown
-    ``terminate()`` it (ignoring SIGTERM instead would make that shutdown wait forever for a
-    loader left mid-epoch at exit), and it exits by itself when its parent dies.
+    Signals meant for the trainer reach its workers too: ``accelerate launch`` forwards SIGTERM
+    to each rank's whole process group, a terminal's Ctrl-C reaches its foreground group, and
+    Slurm signals every process of a job step (SIGTERM on preemption or ``scancel``, the SIGUSR1
+    of launch/slurm.sbatch before the time limit). A worker killed by one crashes the rank before
+    the trainer's save-on-signal can run. So the worker
+
+    - starts a session of its own (out of the launcher's and the terminal's process groups);
+    - ignores SIGINT and SIGUSR1;
+    - ends on SIGTERM only when its parent sent it: the DataLoader's and multiprocessing's
+      shutdown ``terminate()`` their workers, which must keep working (ignoring SIGTERM outright
+      would make that shutdown wait forever for a loader left mid-epoch at exit). torch's own
+      worker handler exits quietly on its parent's SIGTERM but dies on anyone else's; here
+      SIGTERM is blocked and a thread reads each one with its sender (``sigwaitinfo``).
+
+    It still exits by itself when its parent dies (torch's worker watchdog).
     """
     os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    # Blocked before any other thread starts, so every thread of the worker inherits the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def exit_on_parents_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=exit_on_parents_sigterm, daemon=True, name="parent-sigterm").start()
 
 
 class TorchPairLoader(Position):
@@ -169,7 +192,7 @@ class TorchPairLoader(Position):
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.num_workers else None,
-            worker_init_fn=leave_launcher_process_group,
+            worker_init_fn=shield_worker,
         )
         for item in batches:
             if isinstance(item, ShardError):
