@@ -98,6 +98,7 @@ def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool)
         seed=cfg.seed,
         shuffle=train,
         flip=cfg.data.flip and train,
+        crop=cfg.data.crop,
         backend=cfg.data.loader,
         device=accelerator.device,
         num_workers=cfg.data.workers or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
