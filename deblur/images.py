@@ -8,6 +8,7 @@ Every failure is an :class:`ImageError` whose message starts with the file's nam
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
 # PIL's own default (about 89 Mpx); a larger image is refused as a likely decompression bomb.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 _EXIF_ORIENTATION = 0x0112
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class ImageError(InputError, ValueError):
@@ -75,7 +77,10 @@ def decode_rgb(data: bytes, name: str, *, min_size: int = 1, max_pixels: int = D
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: decompression bomb: {e}") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        raise ImageError(f"{name}: cannot decode: {type(e).__name__}: {e}") from None
+        # PIL names the in-memory file by its repr ("<_io.BytesIO object at 0x7f...>"): an address
+        # that differs every run would make the builder's manifest differ between rebuilds.
+        detail = _OBJECT_REPR.sub("", str(e))
+        raise ImageError(f"{name}: cannot decode: {type(e).__name__}: {detail}") from None
     if min(w, h) < min_size:
         raise ImageError(f"{name}: too small: {w}x{h}, shorter side under {min_size} px")
     fmt = im.format or ""

@@ -2,9 +2,9 @@
 
     python -m deblur.infer --weights runs/demo/generator.safetensors --out restored/ blurry/*.jpg
 
-Writes one file per input under ``--out`` (``<input stem>.png`` by default). The generator was
-trained on whole faces resized to 64x64, so inputs of other sizes are handled by one of two
-modes:
+Writes one file per input under ``--out`` (``<input stem>.png`` by default). The generator takes
+64x64 inputs (trained on whole faces resized to 64x64, or on 64x64 crops of real pairs), so
+inputs of other sizes are handled by one of two modes:
 
 - ``--mode resize`` (default): resize the whole image to 64x64 (as the training loader does),
   restore it, and add the restored *detail* (restored minus blurred, both at 64x64), upsampled,
@@ -12,8 +12,9 @@ modes:
   in training; what it can add is limited to detail at the 64-px scale.
 - ``--mode tiles``: run the model on overlapping 64x64 tiles at native resolution (50% overlap,
   blended with a Hann window whose shifted copies sum to one; the borders are padded by
-  reflection). Right for blur that is a few pixels wide at native resolution, but the model sees
-  patches, not the faces it was trained on.
+  reflection). Right for blur that is a few pixels wide at native resolution, and the mode for
+  a generator trained on crops (``data.crop: true``); a face-trained one sees patches, not
+  the faces it was trained on. ``python -m deblur.evaluate --mode full`` scores through it.
 
 In ``resize`` mode a 64x64 input gets exactly the generator's output. Files that cannot be read
 are reported and skipped; the exit status is 1 if any failed (2 if nothing could start).

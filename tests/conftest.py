@@ -71,3 +71,19 @@ def small_shards(tmp_path_factory, tiny_photo_folder) -> Path:
     out = tmp_path_factory.mktemp("small_shards")
     build_shards(BuildSettings(src=tiny_photo_folder, out=out, store_size=SMALL_STORE_SIZE, **TINY_OPTIONS))
     return out
+
+
+@pytest.fixture(scope="session")
+def paired_shards(tmp_path_factory) -> Path:
+    """A GoPro-layout dataset of real pairs (tests/pairs_data.py: 128x96 frames of the demo
+    photographs, defocus-blurred): 4 training scenes (one becomes val) and 2 test scenes of 4
+    frames, shards of 4, built at full size as patch training reads them."""
+    import pairs_data
+
+    root = pairs_data.gopro(tmp_path_factory.mktemp("gopro_src"))
+    out = tmp_path_factory.mktemp("paired_shards")
+    manifest = build_shards(
+        BuildSettings(gopro=root, out=out, seed=0, val_fraction=0.25, shard_size=4, workers=1, progress=False)
+    )
+    assert manifest["scenes"] == {"train": 3, "val": 1, "test": 2}
+    return out

@@ -31,6 +31,8 @@ def test_the_dispatcher_and_option_values(args, expected):
         (["--seconds", "0"], "error: --seconds: must be a positive finite number, got 0.0"),
         (["--workers", "0"], "error: --workers: must be at least 1, got 0"),
         (["--workdir", "{shards}/nowhere"], "error: --workdir {shards}/nowhere: not a folder"),
+        (["--crop", "--frames", "8"], "error: --frames: builds the pairs of --crop, instead of --shards"),
+        (["--crop", "--small-shards", "{shards}"], "error: --small-shards: compares resize-mode loaders"),
         (
             ["--batch-size", "4", "--small-shards", "{shards}/nowhere"],
             "error: {shards}/nowhere: shard folder not found",

@@ -160,9 +160,10 @@ def test_flip_is_shared_by_both_members(tiny_shards, references, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("consumed", [0, 3, 5, 12])
-def test_resume_continues_with_the_next_batch(tiny_shards, backend, consumed):
-    options = dict(batch_size=2, rank=1, world_size=2, shuffle=True, flip=True, seed=7)
+# crop=True (patch training): mid-epoch, and at the end of the second epoch
+@pytest.mark.parametrize("consumed, crop", [(0, False), (3, False), (5, False), (12, False), (3, True), (10, True)])
+def test_resume_continues_with_the_next_batch(tiny_shards, backend, consumed, crop):
+    options = dict(batch_size=2, rank=1, world_size=2, shuffle=True, flip=True, seed=7, crop=crop)
     uninterrupted = load(tiny_shards, backend, **options)
     per_epoch = len(uninterrupted)
     expected = [pair for _ in range(3) for pair in uninterrupted]
@@ -192,6 +193,11 @@ def test_state_from_other_settings_is_refused(tiny_shards, backend):
     state = load(tiny_shards, backend, batch_size=4).state_dict()
     with pytest.raises(ValueError, match="batch_size"):
         load(tiny_shards, backend, batch_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="crop"):
+        load(tiny_shards, backend, batch_size=4, crop=True).load_state_dict(state)
+    # a state saved before ``crop`` existed is resize mode's, and resumes as such
+    del state["settings"]["crop"]
+    load(tiny_shards, backend, batch_size=4).load_state_dict(state)
 
 
 def test_bad_arguments_are_refused(tiny_shards):

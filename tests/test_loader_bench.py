@@ -130,3 +130,22 @@ def test_settle_waits_for_busy_workers_then_returns():
     start = time.perf_counter()
     bench.settle(poll=0.1)
     assert time.perf_counter() - start < 1.0  # idle: returns after a poll or two
+
+
+@pytest.mark.timeout(300)
+def test_crop_mode_measures_roi_against_full_decode_side_by_side(tmp_path, capsys):
+    """``--crop --frames N``: builds GoPro-layout pairs from the demo photographs, then the DALI
+    crop loader with and without region decoding and the torch backend's crop, in one run."""
+    bench.main(
+        ["--crop", "--frames", "8", "--frame-size", "320", "180", "--batch-size", "4", "--seconds", "0.3"]
+        + ["--repeat", "2", "--warmup", "0.2", "--workers", "2", "--workdir", str(tmp_path)]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    methods = ("dali_roi", "dali_full_decode", "torch_full_decode")
+    assert set(result["rounds"]) == set(methods) and result["member_size"] == [320, 180] and result["pairs"] == 8
+    for method in methods:
+        assert len(result["rounds"][method]) == 2 and all(r > 0 for r in result["rounds"][method]), method
+        assert any(line.startswith(method) for line in lines[:-1]), f"{method} missing from the table"
+    assert result["roi_x_full_decode"] == pytest.approx(result["dali_roi"] / result["dali_full_decode"], rel=0.02)
+    assert list(tmp_path.iterdir()) == []  # the frames and their shards were temporary

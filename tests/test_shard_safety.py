@@ -119,10 +119,15 @@ def test_every_nonsense_value_is_refused(args, line, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["--out", "{tmp}/out"], "error: --src or --demo is required"),
+        (["--out", "{tmp}/out"], "error: --src, --demo, --sharp, --gopro or --pairs is required"),
         (["--src", "{tmp}"], "error: --out: is required"),
         (["--src", "{tmp}", "--out", ""], "error: --out: must not be empty"),
-        (["--demo", "--src", "{tmp}", "--out", "{tmp}/out"], "error: give one of --src or --demo, not both"),
+        (
+            ["--demo", "--src", "{tmp}", "--out", "{tmp}/out"],
+            "error: give one of --src, --demo, --sharp, --gopro or --pairs, not several (got --src and --demo)",
+        ),
+        (["--sharp", "{tmp}", "--out", "{tmp}/out"], "error: --sharp needs --blurred"),
+        (["--gopro", "{tmp}", "--sigma-range", "1", "2", "--out", "{tmp}/out"], "error: --gopro brings real blurred"),
         (["--verify", "{tmp}", "--seed", "3"], "error: --verify checks a built dataset and takes no build options"),
         (["--src", "{tmp}/absent", "--out", "{tmp}/out"], "error: --src {tmp}/absent: not found"),
         (["--verify", "{tmp}/absent"], "error: --verify {tmp}/absent: not found"),
@@ -139,7 +144,8 @@ def test_help_shows_the_defaults_of_the_settings_model(capsys):
         main(["--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--val-fraction VAL_FRACTION share of images for validation (default: 0.05)" in text
+    assert "--val-fraction VAL_FRACTION share of images (of scenes, for pairs) for validation (default: 0.05)" in text
+    assert "--out OUT dataset folder to write: new, empty, or one this builder made --workers" in text
     assert "--sigma-range LO HI Gaussian sigma range in px at 64-px scale (default: 1.6 2.6)" in text
     assert "--no-progress do not show a progress bar" in text and "--reference-size" not in text
 

@@ -2,6 +2,7 @@
 
     python -m deblur.bench loader --shards shards/demo [--batch-size 64] [--seconds 10] [--repeat 3]
     python -m deblur.bench loader --shards shards/full --small-shards shards/small64
+    python -m deblur.bench loader --crop --frames 512          # ROI vs full decode, 1280x720 pairs
 
 Measures (blurred, sharp) pairs per second of one split's pairs for
 
@@ -23,6 +24,19 @@ With ``--small-shards`` (the same photographs built with ``python -m deblur.shar
 --store-size PX``), ``dali``, ``torch``, ``raw_decode_dali`` (and ``decode_ceiling``) also run on
 those, as ``<method>_small``, in the same rounds; ``dali_small_x_dali`` is the gain of storing
 images small.
+
+``--crop`` measures patch training instead (``make_loader(..., crop=True)``): pairs/s of
+``--image-size`` crop pairs, over ``--shards`` or over ``--frames N`` GoPro-sized pairs it
+builds from the demo photographs (``--frame-size``, default 1280x720; deblur/bench/frames.py):
+
+* ``dali_roi``: the DALI crop loader as training runs it, region-of-interest decoding
+  (``fn.decoders.image_slice``: only the window is decoded);
+* ``dali_full_decode``: the same loader with the full decode then ``fn.slice``;
+* ``torch_full_decode``: the torch backend's crop (simplejpeg decodes everything, then a slice);
+* with a GPU, ``dali_roi_gpu`` and ``dali_full_decode_gpu`` on the GPU ("mixed") decoders too.
+
+``roi_x_full_decode`` is the ROI gain in pairs/s (and ``roi_cpu_x_full_decode`` in CPU time
+per pair); the target on the CPU is 2x.
 
 Every method is built once and warmed up for ``--warmup`` seconds (pipeline build, worker
 start-up, shuffle-buffer fill, allocator growth: a DALI loader's first seconds run 25-30 %
@@ -63,17 +77,20 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from deblur.bench.frames import write_gopro_frames
 from deblur.cli import Parser, at_least, positive
 from deblur.errors import InputError
 from deblur.loading.contract import find_shards, read_members, usable_cores
 from deblur.loading.loader import make_loader
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
-from deblur.shard.format import MANIFEST, PAIR_MEMBERS, SPLITS
+from deblur.shard.build import build_shards
+from deblur.shard.format import MANIFEST, META, PAIR_MEMBERS, SPLITS, read_samples
+from deblur.shard.settings import BuildSettings
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = Parser(prog="python -m deblur.bench loader", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", type=Path, required=True, help="shard dataset folder")
+    parser.add_argument("--shards", type=Path, default=None, help="shard dataset folder")
     parser.add_argument(
         "--small-shards",
         type=Path,
@@ -93,11 +110,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="DALI threads / DataLoader workers / decode processes (default: cores)",
     )
     parser.add_argument(
-        "--workdir", type=Path, default=None, help="where to export the PNG folders (default: a temporary folder)"
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where to export the PNG folders or build --frames (default: a temporary folder)",
+    )
+    parser.add_argument("--crop", action="store_true", help="measure crop pairs: ROI decoding vs full decode + crop")
+    parser.add_argument(
+        "--frames", type=int, default=None, help="with --crop: build this many GoPro-sized pairs instead of --shards"
+    )
+    parser.add_argument(
+        "--frame-size", type=int, nargs=2, default=(1280, 720), metavar=("W", "H"), help="of --frames (1280 720)"
     )
     args = parser.parse_args(argv)
     for option in ("--batch-size", "--image-size", "--repeat", "--workers"):
         at_least(option, getattr(args, option[2:].replace("-", "_")), 1)
+    if args.frames is not None:
+        if not args.crop or args.shards is not None:
+            raise InputError("--frames: builds the pairs of --crop, instead of --shards (give --crop, not --shards)")
+        at_least("--frames", args.frames, args.batch_size)
+        at_least("--frame-size", min(args.frame_size), args.image_size)
+    elif args.shards is None:
+        raise InputError("--shards is required (or, with --crop, --frames N)")
+    if args.crop and args.small_shards is not None:
+        raise InputError("--small-shards: compares resize-mode loaders; it does not go with --crop")
     positive("--seconds", args.seconds)
     at_least("--warmup", args.warmup, 0)
     if args.warmup == float("inf"):
@@ -333,8 +369,74 @@ def run_rounds(methods: dict[str, Method], repeat: int, seconds: float, warmup: 
     return rounds
 
 
+def crop_methods(shards: Path, split: str, loader_options: dict) -> dict[str, Method]:
+    """ROI decoding vs full decode + crop: the DALI crop loader both ways (on the CPU, and on the
+    GPU when there is one) and the torch backend's crop."""
+    devices = {"": "cpu"} | ({"_gpu": "cuda"} if torch.cuda.is_available() else {})
+    methods: dict[str, Method] = {}
+    for suffix, device in devices.items():
+        for name, roi in (("dali_roi", True), ("dali_full_decode", False)):
+            loader = make_loader(shards, split, backend="dali", crop=True, device=device, **loader_options)
+            loader.roi = roi
+            methods[f"{name}{suffix}"] = stream_method(pair_counts(lambda loader=loader: loader))
+    torch_loader = make_loader(shards, split, backend="torch", crop=True, device="cpu", **loader_options)
+    methods["torch_full_decode"] = stream_method(pair_counts(lambda: torch_loader))
+    return methods
+
+
+def crop_main(args: argparse.Namespace) -> None:
+    """``--crop``: see the module docstring."""
+    loader_options = dict(
+        batch_size=args.batch_size, image_size=args.image_size, shuffle=True, flip=True, num_workers=args.workers
+    )
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        shards = args.shards
+        if shards is None:
+            w, h = args.frame_size
+            print(f"building {args.frames} {w}x{h} pairs from the demo photographs in {tmp}")
+            root = write_gopro_frames(Path(tmp) / "frames", args.frames, (w, h))
+            shards = Path(tmp) / "shards"
+            build_shards(BuildSettings(gopro=root, out=shards, val_fraction=0, test_fraction=0, workers=args.workers))
+        found = find_shards(shards, args.split)
+        first = next(read_samples(found[0].tar, (META,)))[1][META]
+        member = json.loads(first)["size"]
+        pairs = sum(s.samples for s in found)
+        print(
+            f"{pairs} {args.split} pairs of {member[0]}x{member[1]} from {shards}, {args.image_size}x"
+            f"{args.image_size} crops, batch {args.batch_size}, {args.workers} workers; {args.repeat} rounds of "
+            f"{args.seconds:g} s per method after {args.warmup:g} s warm-up; load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        )
+        rounds = run_rounds(crop_methods(shards, args.split, loader_options), args.repeat, args.seconds, args.warmup)
+    rates = {name: statistics.median(r.rate for r in readings) for name, readings in rounds.items()}
+    cpu_us = {name: statistics.median(r.cpu_us_per_pair for r in readings) for name, readings in rounds.items()}
+    print(f"\n{'method':<22}{'pairs/s':>10}{'CPU us/pair':>13}   rounds (pairs/s)")
+    for name, rate in rates.items():
+        print(f"{name:<22}{rate:>10.0f}{cpu_us[name]:>13.0f}   {' '.join(f'{r.rate:.0f}' for r in rounds[name])}")
+    summary: dict = {"mode": "crop", **{name: round(rate, 1) for name, rate in rates.items()}}
+    for suffix in ("", "_gpu") if "dali_roi_gpu" in rates else ("",):
+        gain = rates[f"dali_roi{suffix}"] / rates[f"dali_full_decode{suffix}"]
+        summary[f"roi_x_full_decode{suffix}"] = round(gain, 2)
+    summary.update(
+        roi_cpu_x_full_decode=round(cpu_us["dali_full_decode"] / cpu_us["dali_roi"], 2),
+        roi_x_torch=round(rates["dali_roi"] / rates["torch_full_decode"], 2),
+        statistic=f"median of {args.repeat} rounds of {args.seconds:g} s after {args.warmup:g} s warm-up",
+        rounds={name: [round(r.rate, 1) for r in readings] for name, readings in rounds.items()},
+        cpu_us_per_pair={name: round(value, 1) for name, value in cpu_us.items()},
+        member_size=member,
+        crop=args.image_size,
+        pairs=pairs,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        loadavg_1min=round(os.getloadavg()[0], 2),
+    )
+    print(json.dumps(summary))
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if args.crop:
+        return crop_main(args)
     pairs = read_pairs(args.shards, args.split)
     small = f" and {args.small_shards} (as *_small)" if args.small_shards else ""
     print(

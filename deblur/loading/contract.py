@@ -27,11 +27,20 @@ a test can compare them:
   reader draws from one seeded generator that runs on across epochs, so its order is fixed by
   ``(seed, rank)`` and the epochs read before (the loader's state carries it over a resume).
 * ``flip=True``: one coin per pair; the blurred and the sharp image are mirrored together.
+* ``crop=False`` (the default, CelebA's): each member is resized whole to ``image_size``.
+  ``crop=True`` (patch training, real blur): each pair yields an ``image_size`` crop at full
+  stored resolution, at the same position in both members, where
+  :func:`deblur.loading.crops.crop_window` puts it (random per epoch with ``shuffle``, fixed per
+  sample without), mirrored by its coin. In this mode the order (:func:`epoch_order`), the
+  windows and the mirrors are all pure Python functions the two backends share, so **both
+  backends yield the same pairs in the same order, cut at the same windows, for the same
+  seed**; resize mode keeps DALI's own reader and shuffle (docs/loading.md says why).
 
 Before ``make_loader`` returns, every image member of the rank's part is checked with
 :func:`deblur.shard.check.check_jpeg` (libjpeg without a warning): DALI's decoders turn a
 corrupt member into garbage pixels with nothing but an anonymous libjpeg warning, so both
-backends refuse such a member the same way, up front, naming the shard and the member.
+backends refuse such a member the same way, up front, naming the shard and the member. With
+``crop=True`` each pair's members must also be the same size and at least the crop.
 
 ``loader.state_dict()`` saves the position (epoch, batches consumed, and for DALI the pipeline's
 own checkpoint); ``load_state_dict`` before iterating resumes with exactly the next batch.
@@ -39,8 +48,10 @@ own checkpoint); ``load_state_dict`` before iterating resumes with exactly the n
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,8 +60,19 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from deblur.loading.crops import Window, crop_window, jpeg_size
 from deblur.shard.check import check_jpeg, check_members
-from deblur.shard.format import MANIFEST, PAIR_MEMBERS, ShardError, ShardFile, index_rows, read_member, split_shards
+from deblur.shard.format import (
+    MANIFEST,
+    PAIR_MEMBERS,
+    SHARP,
+    ShardError,
+    ShardFile,
+    index_rows,
+    read_member,
+    split_name,
+    split_shards,
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,9 @@ class RankPart:
                 yield shard, row
 
 
+SHUFFLE_BUFFER = 1024  # as the DALI reader's initial_fill
+
+
 @dataclass(frozen=True)
 class PairOptions:
     """What each pair looks like and how an epoch is ordered (besides the rank layout)."""
@@ -115,6 +140,12 @@ class PairOptions:
     seed: int
     shuffle: bool
     flip: bool
+    crop: bool = False  # an image_size window at full resolution instead of the whole image resized
+
+
+# Settings added after loader states were first saved, with the value those states were made
+# with: a checkpoint written before ``crop`` existed resumes as the resize mode it was.
+LATER_SETTINGS = {"crop": False}
 
 
 class Position:
@@ -152,7 +183,7 @@ class Position:
         return {"settings": self.settings, "epoch": self.epoch, "batch": self.batch}
 
     def restore_position(self, state: dict) -> None:
-        saved = state.get("settings", {})
+        saved = LATER_SETTINGS | state.get("settings", {})
         differing = sorted(k for k in self.settings.keys() | saved.keys() if saved.get(k) != self.settings.get(k))
         if differing:
             raise ValueError(
@@ -170,6 +201,47 @@ class PairLoader(Protocol):
     def __len__(self) -> int: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream with a buffer of ``size`` items (webdataset/DALI-style local shuffle)."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            pick = rng.randrange(len(buffer))
+            buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def epoch_order(part: RankPart, pairs: PairOptions, epoch: int) -> Iterator[tuple[ShardFile, dict]]:
+    """The rank's samples of one epoch, in the order they are yielded: the part in stored order,
+    shuffled with a seeded buffer when ``pairs.shuffle``. A pure function of ``(seed, rank,
+    epoch)``: the torch backend's order in both modes, and DALI's in crop mode."""
+    samples = part.rows()
+    if pairs.shuffle:
+        samples = buffer_shuffle(samples, SHUFFLE_BUFFER, random.Random(derived_seed(pairs.seed, part.rank, epoch)))
+    return samples
+
+
+def pair_window(pairs: PairOptions, epoch: int, row: dict, sharp: bytes, where: str) -> Window:
+    """Crop mode: the window of the pair at index ``row`` in ``epoch``, from the sharp member's
+    stored size (its JPEG header) and key; the one rule both backends follow."""
+    key = split_name(row[SHARP][2])[0]
+    size = jpeg_size(sharp, where)
+    options = dict(seed=pairs.seed, epoch=epoch, random=pairs.shuffle, flip=pairs.flip)
+    return crop_window(key, size, pairs.image_size, **options)
+
+
+def read_pair(tars: dict, files: contextlib.ExitStack, shard: ShardFile, row: dict) -> tuple[dict, dict]:
+    """({ext: bytes}, {ext: "shard X member Y"}) of one sample's image members, read at its index
+    offsets. ``tars`` keeps the tars opened so far (each closed with ``files``)."""
+    if shard not in tars:
+        tars[shard] = files.enter_context(open(shard.tar, "rb"))
+    members = {ext: read_member(tars[shard], shard.tar, row[ext]) for ext in PAIR_MEMBERS}
+    return members, {ext: f"shard {shard.tar} member {row[ext][2]}" for ext in PAIR_MEMBERS}
 
 
 def read_members(shards: Iterable[ShardFile]) -> Iterator[tuple[ShardFile, str, bytes]]:
@@ -193,10 +265,32 @@ def part_members(part: RankPart) -> Iterator[list[tuple[str, bytes]]]:
             ]
 
 
-def check_part(part: RankPart, threads: int) -> int:
+def check_part(part: RankPart, threads: int, crop: int | None = None) -> int:
     """Check every image member of the rank's part with libjpeg (see the module docstring);
-    the first corrupt one, in stored order, raises a ShardError naming shard and member."""
-    return sum(check_members(members, threads) for members in part_members(part))
+    the first corrupt one, in stored order, raises a ShardError naming shard and member. With a
+    ``crop`` size, each pair's members must also be of one size, at least the crop."""
+    count = 0
+    for members in part_members(part):
+        count += check_members(members, threads)
+        if crop is not None:
+            check_crop_sizes(members, crop)
+    return count
+
+
+def check_crop_sizes(members: list[tuple[str, bytes]], crop: int) -> None:
+    """Each pair of ``members`` (as :func:`part_members` lists them: blurred, then sharp) can give
+    a ``crop`` x ``crop`` window at one position in both; else a ShardError naming the member."""
+    for (where_blurred, blurred), (where_sharp, sharp) in zip(members[::2], members[1::2]):
+        (bw, bh), (w, h) = jpeg_size(blurred, where_blurred), jpeg_size(sharp, where_sharp)
+        if (bw, bh) != (w, h):
+            raise ShardError(
+                f"{where_blurred} is {bw}x{bh} but its sharp partner is {w}x{h}: a pair is cropped at one window"
+            )
+        if min(w, h) < crop:
+            raise ShardError(
+                f"{where_sharp} is {w}x{h}: smaller than the {crop}x{crop} crop; build the shards with a larger "
+                "--store-size (or none), or train without crop"
+            )
 
 
 def find_undecodable(part: RankPart) -> str | None:

@@ -1,4 +1,6 @@
-"""The DALI graph: shard reader -> JPEG decode -> resize -> normalize + shared flip.
+"""The DALI graphs. Resize mode: shard reader -> JPEG decode -> resize -> normalize + shared
+flip. Crop mode: Python's batches (members, windows, mirrors) -> region-of-interest decode ->
+normalize + the window's flip.
 
 Kept apart from the iterator code (as in DALI's efficientnet example) so the graph reads on
 its own. The only device-dependent line is the decoder's ``device``: "mixed" decodes on the
@@ -9,6 +11,7 @@ Images leave the graph as HWC: the loader permutes the iterator's (B, H, W, C) t
 
 from __future__ import annotations
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from deblur.loading.contract import PairOptions, RankPart, derived_seed
@@ -69,15 +72,46 @@ def pair_pipeline(part: RankPart, pairs: PairOptions, *, gpu: bool, hw_decoder_l
     return tuple(_prepare(jpegs, pairs.image_size, gpu, hw_decoder_load, mirror) for jpegs in (blurred, sharp))
 
 
-def _prepare(jpegs, image_size: int, gpu: bool, hw_decoder_load: float, mirror):
+def _decoder(gpu: bool, hw_decoder_load: float) -> dict:
     # hw_decoder_load only exists for the mixed decoder (the GPU's JPEG engine vs CUDA).
-    decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
-    images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+    return dict(device="mixed", hw_decoder_load=hw_decoder_load) if gpu else dict(device="cpu")
+
+
+def _prepare(jpegs, image_size: int, gpu: bool, hw_decoder_load: float, mirror):
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder(gpu, hw_decoder_load))
     # Triangular (linear + antialias) filter: the same as PIL's BILINEAR when downscaling, so
     # the torch backend matches it within JPEG-decoder tolerance.
     images = fn.resize(
         images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=True
     )
+    return _normalize(images, mirror)
+
+
+@pipeline_def
+def crop_pipeline(source, image_size: int, *, gpu: bool, hw_decoder_load: float = 0.65, roi: bool = True):
+    """Crop mode (deblur.loading.crops): ``source`` yields batches of (blurred JPEGs, sharp JPEGs,
+    window corners [x, y], mirrors), deblur.loading.dali_backend.crop_batches, so the order and
+    the windows are the Python functions the torch backend uses too.
+
+    ``roi=True``: ``fn.decoders.image_slice`` decodes only the window (libjpeg-turbo skips the
+    rows below it and the IDCT outside it; nvJPEG likewise on the GPU), with the same pixels as
+    a full decode cut afterwards. ``roi=False`` is that full decode + ``fn.slice``, kept only for
+    ``python -m deblur.bench loader --crop`` to measure the difference."""
+    blurred, sharp, corner, mirror = fn.external_source(source=source, num_outputs=4, batch=True)
+    shape = np.array([image_size, image_size], dtype=np.int32)  # integers: absolute pixels, "WH" order
+    decoder = _decoder(gpu, hw_decoder_load)
+    outputs = []
+    for jpegs in (blurred, sharp):
+        if roi:
+            images = fn.decoders.image_slice(jpegs, corner, shape, output_type=types.RGB, **decoder)
+        else:
+            images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+            images = fn.slice(images, corner, shape, axis_names="WH")
+        outputs.append(_normalize(images, mirror))
+    return tuple(outputs)
+
+
+def _normalize(images, mirror):
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,

@@ -26,6 +26,7 @@ def make_loader(
     seed: int = 0,
     shuffle: bool = True,
     flip: bool = True,
+    crop: bool = False,
     backend: Backend = "dali",
     device: torch.device | str | None = None,
     num_workers: int | None = None,
@@ -51,6 +52,12 @@ def make_loader(
     the GPU (None = chosen from ``decode_threads``, see
     ``deblur.loading.dali_graph.default_hw_decoder_load``).
 
+    ``crop=True`` (patch training): each pair is an ``image_size`` window of the stored
+    members, at the same position in both, instead of the whole image resized; random per epoch
+    with ``shuffle``, fixed per sample without (:mod:`deblur.loading.crops`). Both backends then
+    yield the same pairs, windows and mirrors in the same order for the same seed; DALI decodes
+    only the window (``fn.decoders.image_slice``, on the GPU when there is one).
+
     Batches have channels_last strides (shape still (B, 3, S, S)), from either backend.
 
     Before it returns, every image member of the rank's part is checked with libjpeg on
@@ -73,13 +80,14 @@ def make_loader(
         )
     if backend not in ("dali", "torch"):
         raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
-    pairs = PairOptions(image_size=image_size, seed=seed, shuffle=shuffle, flip=flip)
+    pairs = PairOptions(image_size=image_size, seed=seed, shuffle=shuffle, flip=flip, crop=crop)
     runtime = dict(device=resolve_device(device), num_workers=num_workers or usable_cores())
-    check_part(part, threads=runtime["num_workers"])
+    check_part(part, threads=runtime["num_workers"], crop=image_size if crop else None)
     if backend == "dali":
-        from deblur.loading.dali_backend import DaliPairLoader
+        from deblur.loading.dali_backend import DaliCropLoader, DaliPairLoader
 
-        return DaliPairLoader(part, pairs, decode_threads=decode_threads, hw_decoder_load=hw_decoder_load, **runtime)
+        dali = DaliCropLoader if crop else DaliPairLoader
+        return dali(part, pairs, decode_threads=decode_threads, hw_decoder_load=hw_decoder_load, **runtime)
     from deblur.loading.torch_backend import TorchPairLoader
 
     return TorchPairLoader(part, pairs, **runtime)

@@ -24,33 +24,25 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import random
 import signal
 import threading
-from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from deblur.loading.contract import PairOptions, Position, RankPart, ShardFile, derived_seed
-from deblur.loading.decode import decode_resized
+from deblur.loading.contract import (
+    PairOptions,
+    Position,
+    RankPart,
+    ShardFile,
+    derived_seed,
+    epoch_order,
+    pair_window,
+    read_pair,
+)
+from deblur.loading.decode import decode_crop, decode_resized
 from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
-from deblur.shard.format import PAIR_MEMBERS, ShardError, read_member
-
-SHUFFLE_BUFFER = 1024  # as the DALI reader's initial_fill
-
-
-def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Shuffle a stream with a buffer of ``size`` items (webdataset/DALI-style local shuffle)."""
-    buffer = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= size:
-            pick = rng.randrange(len(buffer))
-            buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
+from deblur.shard.format import PAIR_MEMBERS, SHARP, ShardError
 
 
 class PairStream(IterableDataset):
@@ -71,10 +63,7 @@ class PairStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         batch_size, n_batches = self.part.batch_size, self.part.batches_per_epoch
-        samples = self.part.rows()
-        if self.pairs.shuffle:
-            rng = random.Random(derived_seed(self.pairs.seed, self.part.rank, self.epoch))
-            samples = buffer_shuffle(samples, SHUFFLE_BUFFER, rng)
+        samples = epoch_order(self.part, self.pairs, self.epoch)
         pending = []
         with contextlib.ExitStack() as files:
             tars: dict[ShardFile, io.BufferedReader] = {}
@@ -106,15 +95,19 @@ class PairStream(IterableDataset):
         size = self.pairs.image_size
         out = torch.empty((len(PAIR_MEMBERS), len(samples), size, size, 3), dtype=torch.uint8)
         mirror = [False] * len(samples)
-        if self.pairs.flip:
+        if self.pairs.flip and not self.pairs.crop:  # crop mode: each window carries its coin
             coins = torch.Generator().manual_seed(derived_seed(self.pairs.seed, self.part.rank, self.epoch, batch))
             mirror = (torch.rand(len(samples), generator=coins) < 0.5).tolist()  # one coin per pair
         for i, (shard, row) in enumerate(samples):
-            if shard not in tars:
-                tars[shard] = files.enter_context(open(shard.tar, "rb"))
+            members, where = read_pair(tars, files, shard, row)
+            if self.pairs.crop:
+                window = pair_window(self.pairs, self.epoch, row, members[SHARP], where[SHARP])
+                mirror[i] = window.mirror
             for m, ext in enumerate(PAIR_MEMBERS):
-                data = read_member(tars[shard], shard.tar, row[ext])
-                image = decode_resized(data, size, f"shard {shard.tar} member {row[ext][2]}")
+                if self.pairs.crop:
+                    image = decode_crop(members[ext], window.x, window.y, size, where[ext])
+                else:
+                    image = decode_resized(members[ext], size, where[ext])
                 out[m, i] = (image.flip(-1) if mirror[i] else image).permute(1, 2, 0)
         if self.normalize:  # (x - 255 mean) / (255 std) = deblur.norm.normalize(x / 255)
             # Whole (S, S, 3) planes, not (3,) vectors: broadcasting only over the batch keeps

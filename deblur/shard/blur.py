@@ -10,6 +10,8 @@ kernel; for shards stored downscaled (``python -m deblur.shard --store-size``),
 - ``{"type": "motion", "length": L, "angle": a}``: a straight, centred line segment ``L`` px
   long at ``a`` degrees counter-clockwise from the +x axis (image y points down), rasterized
   by splatting ``ceil(8 L)`` evenly spaced points bilinearly, normalized to sum 1.
+- ``{"type": "real"}`` (:data:`REAL_BLUR`): a photographed pair (paired sources,
+  deblur/shard/pairs.py); there is no kernel, and ``kernel_from_params`` says so.
 
 Strength. The paper trains at 64x64, so the ranges in :class:`BlurConfig` are given at a
 64-px reference (docs/design.md: sigma 1.6-2.6 px or length 7-12 px lands at roughly 20-27 dB PSNR
@@ -31,6 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from scipy import fft
 
 BLUR_TYPES = ("gaussian", "motion")
+# The json "blur" of a photographed pair (python -m deblur.shard --sharp/--gopro/--pairs): the
+# blur is real, so there is no kernel to rebuild and nothing to rescale.
+REAL_BLUR = {"type": "real"}
+
+
+def is_real(blur: dict) -> bool:
+    """Whether a json "blur" describes a photographed pair (no kernel)."""
+    return isinstance(blur, dict) and blur.get("type") == REAL_BLUR["type"]
 
 
 class BlurConfig(BaseModel):
@@ -111,6 +121,8 @@ def motion_kernel(length: float, angle: float) -> np.ndarray:
 def kernel_from_params(blur: dict) -> np.ndarray:
     """The exact float64 kernel (2-D, odd-sized, centred, sums to 1) described by a json "blur"."""
     kind = blur.get("type")
+    if is_real(blur):
+        raise ValueError("the blur of this pair is real (photographed): there is no kernel")
     if kind == "gaussian":
         return gaussian_kernel(float(blur["sigma"]))
     if kind == "motion":

@@ -1,7 +1,10 @@
-"""Build training shards from a folder of sharp photographs.
+"""Build training shards from sharp photographs (blurred here) or from sharp/blurred pairs.
 
     python -m deblur.shard --src ~/data/celeba/img_align_celeba --out shards/celeba
     python -m deblur.shard --demo --out shards/demo
+    python -m deblur.shard --sharp data/original --blurred data/blurred --out shards/pairs
+    python -m deblur.shard --gopro ~/data/GOPRO_Large --out shards/gopro
+    python -m deblur.shard --pairs RealBlur/train_list.txt --test-pairs RealBlur/test_list.txt --out shards/realblur
     python -m deblur.shard --verify shards/celeba
 
 :func:`build_shards` is four steps. **Plan**: list the inputs, give each a key and a split,
@@ -46,6 +49,7 @@ from deblur.shard.folder import (
     write_record,
 )
 from deblur.shard.format import FORMAT, MANIFEST, SAMPLE_MEMBERS, SPLITS
+from deblur.shard.pairs import discover_pairs
 from deblur.shard.settings import BuildSettings, describe_change, make_parser, option_name, settings_from_options
 from deblur.shard.sources import Inputs, Shard, discover, plan_shards
 from deblur.shard.tario import build_tar
@@ -83,21 +87,55 @@ def build_shards(settings: BuildSettings) -> dict:
 def find_inputs(settings: BuildSettings) -> tuple[Inputs, str]:
     """(the candidates, the manifest's "source") of the one source ``settings`` names."""
     out = settings.out
-    if settings.demo:
-        claim_folder(out)  # the demo's photographs are generated inside the dataset folder
-        try:
-            src = demo_data.materialize(out / DEMO_SOURCE)
-        except OSError as error:
-            raise os_error(error, out / DEMO_SOURCE, "writing the demo photographs into") from error
-        source = DEMO_DESCRIPTION
+    fractions = dict(seed=settings.seed, val_fraction=settings.val_fraction, test_fraction=settings.test_fraction)
+    if settings.paired:
+        lists = {"--pairs": settings.pairs, "--test-pairs": settings.test_pairs}
+        folders = {"--sharp": settings.sharp, "--blurred": settings.blurred, "--gopro": settings.gopro}
+        folders |= {option: file.parent for option, file in lists.items() if file is not None}
+        for option, folder in folders.items():
+            if folder is not None:
+                check_apart(folder, out, option)
+        paths = dict(sharp=settings.sharp, blurred=settings.blurred, gopro=settings.gopro, pairs=settings.pairs)
+        inputs = discover_pairs(**paths, test_pairs=settings.test_pairs, exclude=out, limit=settings.limit, **fractions)
+        what = "pairs"
     else:
-        src, source = settings.src, str(settings.src.resolve())
-        check_apart(src, out)
-    inputs = discover(src, out, settings.seed, settings.val_fraction, settings.test_fraction, settings.limit)
+        if settings.demo:
+            claim_folder(out)  # the demo's photographs are generated inside the dataset folder
+            try:
+                src = demo_data.materialize(out / DEMO_SOURCE)
+            except OSError as error:
+                raise os_error(error, out / DEMO_SOURCE, "writing the demo photographs into") from error
+        else:
+            src = settings.src
+            check_apart(src, out)
+        inputs = discover(src, out, limit=settings.limit, **fractions)
+        what = "images"
     if not inputs.items:
         found = f" ({skip_summary(inputs.skipped)})" if inputs.skipped else ""
-        raise InputError(f"--src {src}: no images found{found}")
-    return inputs, source
+        raise InputError(f"{source_option(settings)}: no {what} found{found}")
+    return inputs, source_description(settings)
+
+
+def source_option(settings: BuildSettings) -> str:
+    """The source as the command line gave it, for messages: "--sharp a --blurred b"."""
+    if settings.demo:
+        return f"--src {settings.out / DEMO_SOURCE}"
+    given = [(name, getattr(settings, name)) for name in ("src", "sharp", "blurred", "gopro", "pairs", "test_pairs")]
+    return " ".join(f"{option_name((name,))} {value}" for name, value in given if value is not None)
+
+
+def source_description(settings: BuildSettings) -> str:
+    """The manifest's "source": what the dataset was built from, with absolute paths."""
+    if settings.demo:
+        return DEMO_DESCRIPTION
+    if settings.src is not None:
+        return str(settings.src.resolve())
+    if settings.gopro is not None:
+        return f"GoPro {settings.gopro.resolve()}"
+    if settings.sharp is not None:
+        return f"pairs: sharp {settings.sharp.resolve()}, blurred {settings.blurred.resolve()}"
+    tests = f", test list {settings.test_pairs.resolve()}" if settings.test_pairs else ""
+    return f"pairs list {settings.pairs.resolve()}{tests}"
 
 
 def make_plan(settings: BuildSettings) -> Plan:
@@ -110,10 +148,13 @@ def make_plan(settings: BuildSettings) -> Plan:
 
 def fingerprint(shard: Shard, content: dict) -> str:
     """What a finished shard must have been built from for a rerun to keep it."""
-    payload = json.dumps(
-        {"settings": content, "name": shard.name, "items": [[it.key, it.rel, it.split, it.size] for it in shard.items]},
-        sort_keys=True,
-    )
+    # A pair's blurred partner counts too; a sharp-only item hashes as it always did (earlier
+    # versions' builds resume without rebuilding).
+    items = [
+        [it.key, it.rel, it.split, it.size] + ([it.blurred_rel, it.blurred_size] if it.blurred_rel else [])
+        for it in shard.items
+    ]
+    payload = json.dumps({"settings": content, "name": shard.name, "items": items}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -224,12 +265,15 @@ def publish_dataset(plan: Plan, records: dict[str, dict], settings: BuildSetting
     manifest = make_manifest(plan, records, settings)
     if manifest["samples"] == 0:
         raise InputError(
-            f"--src {settings.src or DEMO_DESCRIPTION}: no usable images: all {len(manifest['skipped'])} "
-            f"candidates were skipped ({skip_summary(manifest['skipped'])}); reasons in {out / MANIFEST}"
+            f"{source_option(settings)}: no usable {'pairs' if settings.paired else 'images'}: all "
+            f"{len(manifest['skipped'])} candidates were skipped ({skip_summary(manifest['skipped'])}); "
+            f"reasons in {out / MANIFEST}"
         )
     remove_stale(out, {s.name for s in plan.shards})
     publish(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     counts = ", ".join(f"{k} {v['samples']}" for k, v in manifest["splits"].items())
+    if "scenes" in manifest:
+        counts += "; scenes " + ", ".join(f"{k} {v}" for k, v in manifest["scenes"].items())
     skipped = manifest["skipped"]
     print(
         f"dataset {out}: {manifest['samples']} samples ({counts}); "
@@ -277,7 +321,8 @@ def make_manifest(plan: Plan, records: dict[str, dict], settings: BuildSettings)
         splits[split] = {"shards": shards, "samples": sum(s["samples"] for s in shards)}
     all_skipped = plan.inputs.skipped + [sk for s in plan.shards for sk in records[s.name]["skipped"]]
     content = settings.content()
-    return {
+    scenes = {} if plan.inputs.scenes is None else {"scenes": plan.inputs.scenes}
+    return scenes | {
         "format": FORMAT,
         "source": plan.source,
         "seed": settings.seed,
@@ -290,10 +335,14 @@ def make_manifest(plan: Plan, records: dict[str, dict], settings: BuildSettings)
         "jpeg_quality": content["jpeg_quality"],
         "store_size": settings.store_size,
         "blur": content["blur"]
-        | {
-            "scaling": "ranges are at reference_size px; multiplied by min(w, h) / reference_size "
-            "of the source; params at source size (deblur.shard.blur.stored_blur rescales)"
-        },
+        | (
+            {"note": "photographed pairs: the blur is real, no kernel; each json names both source files"}
+            if settings.paired
+            else {
+                "scaling": "ranges are at reference_size px; multiplied by min(w, h) / reference_size "
+                "of the source; params at source size (deblur.shard.blur.stored_blur rescales)"
+            }
+        ),
         "members": list(SAMPLE_MEMBERS),
         "samples": sum(v["samples"] for v in splits.values()),
         "splits": splits,

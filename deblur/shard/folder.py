@@ -225,14 +225,14 @@ def remove_stale(out: Path, keep: set[str]) -> None:
         )
 
 
-def check_apart(src: Path, out: Path) -> None:
-    """The builder's output never becomes its input: ``--out`` may lie inside ``--src`` (it is
-    not searched) but may not be ``--src`` itself, nor hold it."""
+def check_apart(src: Path, out: Path, option: str = "--src") -> None:
+    """The builder's output never becomes its input: ``--out`` may lie inside ``--src`` (or the
+    source folder ``option`` names; it is not searched) but may not be that folder, nor hold it."""
     s, o = src.resolve(), out.resolve()
     if s == o:
-        raise InputError(f"--out {out} is --src: the build would read its own shards as images; give another --out")
+        raise InputError(f"--out {out} is {option}: the build would read its own shards as images; give another --out")
     if s.is_relative_to(o):
         raise InputError(
-            f"--src {src} lies inside --out {out}: the dataset folder is the builder's alone; give an --out "
+            f"{option} {src} lies inside --out {out}: the dataset folder is the builder's alone; give an --out "
             "outside the images"
         )

@@ -26,7 +26,7 @@ from pydantic.fields import FieldInfo
 
 from deblur.errors import InputError
 from deblur.images import DEFAULT_MAX_PIXELS
-from deblur.shard.blur import BlurConfig
+from deblur.shard.blur import REAL_BLUR, BlurConfig
 
 JPEG_QUALITY = 95  # blurred member, and the sharp member when the source cannot be stored as-is
 SHARD_SIZE = 1000  # ~25 MB tars for CelebA: about 200 train shards to spread over ranks
@@ -37,8 +37,10 @@ DEMO_SHARD_SIZE = 64
 # part of the resume fingerprint (with the JPEG quality, fixed, and the shard's inputs).
 CONTENT = ("seed", "val_fraction", "test_fraction", "shard_size", "min_size", "max_pixels", "blur", "store_size")
 # The sources a build can read; exactly one is given. A new kind of source is a field here
-# (and an entry in this tuple), planned by deblur.shard.build.find_inputs.
-SOURCES = ("src", "demo")
+# (and an entry in this tuple), planned by deblur.shard.build.find_inputs. PAIRED sources bring
+# their own blurred images (real blur): deblur/shard/pairs.py plans them.
+SOURCES = ("src", "demo", "sharp", "gopro", "pairs")
+PAIRED = ("sharp", "gopro", "pairs")
 
 
 def _not_empty(value):
@@ -55,11 +57,39 @@ class BuildSettings(BaseModel):
 
     src: Path | None = Field(None, description="folder of sharp images (searched recursively)")
     demo: bool = Field(False, description="use the built-in demo photographs")
+    sharp: Path | None = Field(
+        None,
+        description="folder of sharp images, paired with --blurred by relative path",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    blurred: Path | None = Field(
+        None,
+        description="folder of the blurred copies of --sharp: same relative paths, the extension may differ",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    gopro: Path | None = Field(
+        None,
+        description="GoPro-layout folder: train|test/<scene>/sharp|blur/<frame>; its test/ is the test split",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    pairs: Path | None = Field(
+        None,
+        description="list file, one pair per line: sharp path, blurred path (relative to the file's folder), "
+        "optionally a scene name (RealBlur's lists)",
+        json_schema_extra={"metavar": "FILE"},
+    )
+    test_pairs: Path | None = Field(
+        None, description="a list like --pairs whose pairs are the test split", json_schema_extra={"metavar": "FILE"}
+    )
     out: Path = Field(description="dataset folder to write: new, empty, or one this builder made")
     workers: int | None = Field(None, ge=1, description="processes (default: all cores)")
     seed: int = Field(0, ge=0, description="decides splits, shuffle and every sample's blur")
-    val_fraction: float = Field(0.05, ge=0.0, le=1.0, description="share of images for validation")
-    test_fraction: float = Field(0.05, ge=0.0, le=1.0, description="share of images for test")
+    val_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="share of images (of scenes, for pairs) for validation"
+    )
+    test_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="share of images (of scenes, for pairs) for test, unless the dataset has one"
+    )
     shard_size: int = Field(
         SHARD_SIZE, ge=1, description=f"samples per tar (default {SHARD_SIZE}; {DEMO_SHARD_SIZE} with --demo)"
     )
@@ -80,7 +110,9 @@ class BuildSettings(BaseModel):
     )
     progress: bool = Field(True, description="show a progress bar")
 
-    _empty_paths = field_validator("src", "out", mode="before")(_not_empty)
+    _empty_paths = field_validator("src", "out", "sharp", "blurred", "gopro", "pairs", "test_pairs", mode="before")(
+        _not_empty
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -113,8 +145,20 @@ class BuildSettings(BaseModel):
     def _consistent(self) -> BuildSettings:
         given = [name for name in SOURCES if getattr(self, name) not in (None, False)]
         if len(given) != 1:
-            names = " or ".join(option_name((name,)) for name in SOURCES)
-            raise ValueError(f"give one of {names}, not both" if given else f"{names} is required")
+            *first, last = (option_name((name,)) for name in SOURCES)
+            names = f"{', '.join(first)} or {last}"
+            if given:
+                got = " and ".join(option_name((name,)) for name in given)
+                raise ValueError(f"give one of {names}, not several (got {got})")
+            raise ValueError(f"{names} is required")
+        for alone, partner in (("sharp", "blurred"), ("blurred", "sharp"), ("test_pairs", "pairs")):
+            if getattr(self, alone) is not None and getattr(self, partner) is None:
+                raise ValueError(f"{option_name((alone,))} needs {option_name((partner,))}")
+        if self.paired and "blur" in self.model_fields_set:
+            raise ValueError(
+                f"{option_name((given[0],))} brings real blurred images: the blur options (--motion-fraction, "
+                "--sigma-range, --motion-length-range) only apply to --src and --demo"
+            )
         if self.val_fraction + self.test_fraction > 1.0:
             raise ValueError(
                 f"--val-fraction + --test-fraction must be <= 1, got {self.val_fraction:g} + {self.test_fraction:g}"
@@ -125,6 +169,11 @@ class BuildSettings(BaseModel):
                 f"(a {self.min_size}x{self.min_size} image has {self.min_size**2} pixels)"
             )
         return self
+
+    @property
+    def paired(self) -> bool:
+        """Whether the source brings its own blurred images (real blur, no kernel)."""
+        return any(getattr(self, name) is not None for name in PAIRED)
 
     @property
     def processes(self) -> int:
@@ -145,6 +194,8 @@ class BuildSettings(BaseModel):
         content = self.model_dump(mode="json", include=set(CONTENT)) | {"jpeg_quality": JPEG_QUALITY}
         if content["store_size"] is None:
             del content["store_size"]
+        if self.paired:  # the blur options make nothing of a real pair
+            content["blur"] = dict(REAL_BLUR)
         return content
 
 
@@ -204,7 +255,7 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
                 kwargs |= {"nargs": len(args), "metavar": tuple(extra.get("metavar", ("LO", "HI")))}
             elif "metavar" in extra:
                 kwargs["metavar"] = extra["metavar"]
-            if field.default is not None and "default" not in help_text:
+            if field.default is not None and not field.is_required() and "default" not in help_text:
                 shown = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
                 help_text += f" (default: {shown})"
         parser.add_argument(option_name(loc), help=help_text, **kwargs)

@@ -40,6 +40,10 @@ class Item:
     path: str  # absolute path to read
     split: str
     size: int  # bytes on disk: part of the shard fingerprint, so a changed file is rebuilt
+    # Paired sources only (deblur/shard/pairs.py): the blurred partner, as rel / path / size.
+    blurred_rel: str | None = None
+    blurred_path: str | None = None
+    blurred_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Inputs:
     items: list[Item]
     skipped: list[dict]  # {"path": ..., "reason": ...}
     split_rule: str
+    scenes: dict[str, int] | None = None  # paired sources: scenes per split (splits never cut one)
 
 
 def not_regular(mode: int) -> str | None:
@@ -104,17 +109,22 @@ def list_files(src: Path, exclude: Path | None = None) -> tuple[list[str], list[
     return sorted(found), sorted(unreadable, key=lambda s: s["path"])
 
 
+def check_folder(root: Path, option: str) -> None:
+    """An InputError naming ``option`` unless ``root`` is a folder that can be listed."""
+    if not root.is_dir():
+        raise InputError(f"{option} {root}: {'not a folder' if root.exists() else 'not found'}")
+    try:
+        os.listdir(root)
+    except OSError as error:
+        raise InputError(f"{option} {root}: {error.strerror or error}") from None
+
+
 def discover(
     src: Path, exclude: Path | None, seed: int, val_fraction: float, test_fraction: float, limit: int | None
 ) -> Inputs:
     """The candidates of a source folder: keyed, split (CelebA's partition file when there is
     one, else a hash of (seed, key)), each a regular file; the rest skipped with a reason."""
-    if not src.is_dir():
-        raise InputError(f"--src {src}: {'not a folder' if src.exists() else 'not found'}")
-    try:
-        os.listdir(src)
-    except OSError as error:
-        raise InputError(f"--src {src}: {error.strerror or error}") from None
+    check_folder(src, "--src")
     rels, skipped = list_files(src, exclude=exclude)
     if limit is not None:
         rels = rels[:limit]

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from deblur.errors import InputError
 from deblur.files import sha256_file
-from deblur.shard.blur import kernel_from_params, stored_blur
+from deblur.shard.blur import is_real, kernel_from_params, stored_blur
 from deblur.shard.check import check_jpeg
 from deblur.shard.folder import PARTIAL
 from deblur.shard.format import (
@@ -47,8 +47,12 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], split: str, s
         meta = json.loads(members[META])
         if meta["key"] != key or meta["split"] != split:
             problems.append(f"{where}: json says key {meta['key']!r}, split {meta['split']!r}")
-        kernel_from_params(meta["blur"])
-        kernel_from_params(stored_blur(meta))
+        if is_real(meta["blur"]):  # a photographed pair: no kernel, both source files named
+            if not isinstance(meta.get("blurred_source"), str):
+                problems.append(f"{where}: json of a real pair names no blurred_source")
+        else:
+            kernel_from_params(meta["blur"])
+            kernel_from_params(stored_blur(meta))
         size = tuple(meta["size"])
         source_size = tuple(meta.get("source_size", size))
         if size != stored_size(source_size, store_size):

@@ -1,4 +1,4 @@
-"""The per-image work of a build (decode, blur, encode) and the worker processes that do it.
+"""The per-sample work of a build (decode, blur or pair, encode) and the worker processes that do it.
 
 Workers only compute: they return each sample's tar members (or a reason to skip it) to the
 builder, which alone writes files. So a worker that dies loses nothing on disk, and the builder
@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image
 
 from deblur.errors import Fault, debug_enabled
-from deblur.images import ImageError, decode_rgb
-from deblur.shard.blur import apply_blur, draw_params
+from deblur.images import Decoded, ImageError, decode_rgb
+from deblur.shard.blur import REAL_BLUR, apply_blur, draw_params
 from deblur.shard.check import check_jpeg
 from deblur.shard.format import BLURRED, META, SHARP, ShardError, stored_size
 from deblur.shard.settings import JPEG_QUALITY, BuildSettings
@@ -89,7 +89,7 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 def make_sample(item: Item, settings: BuildSettings) -> Result:
-    """Decode, blur and encode one image (runs in a worker process).
+    """Decode, blur (or pair) and encode one sample (runs in a worker process).
 
     Returns ``("ok", members)`` with the three tar members, or ``("skip", reason)`` for an
     unusable input. Anything else is a bug, raised with the file's name attached.
@@ -100,31 +100,55 @@ def make_sample(item: Item, settings: BuildSettings) -> Result:
         raise RuntimeError(f"{item.rel}: unexpected failure: {type(e).__name__}: {e}") from e
 
 
-def _make_sample(item: Item, settings: BuildSettings) -> Result:
-    data = read_input(item.path)
+def read_image(path: str, rel: str, settings: BuildSettings) -> tuple[bytes, Decoded] | str:
+    """(the file's bytes, its decoded image), or the reason it cannot be a member."""
+    data = read_input(path)
     if isinstance(data, str):
-        return "skip", data
+        return data
     try:
-        decoded = decode_rgb(data, item.rel, min_size=settings.min_size, max_pixels=settings.max_pixels)
+        decoded = decode_rgb(data, rel, min_size=settings.min_size, max_pixels=settings.max_pixels)
         if decoded.format == "JPEG":
             # PIL decodes "Corrupt JPEG data" into garbage with no more than a libjpeg warning;
             # the readers refuse such members (deblur.shard.check), so the builder does too.
             check_jpeg(data, "source")
     except ImageError as e:
-        return "skip", str(e).removeprefix(f"{item.rel}: ")
+        return str(e).removeprefix(f"{rel}: ")
     except ShardError as e:
-        return "skip", str(e).replace("cannot decode source: ", "corrupt JPEG data: ", 1)
-    sharp = np.asarray(decoded.image)
-    h, w = sharp.shape[:2]
-    # Blur at the source resolution, then downscale both members alike (the original
-    # pipeline's blur-then-resize): the blur stays the one the json describes at source size.
-    blur = draw_params(settings.seed, item.key, (w, h), settings.blur)
-    sharp_image, blurred_image = decoded.image, Image.fromarray(apply_blur(sharp, blur))
+        return str(e).replace("cannot decode source: ", "corrupt JPEG data: ", 1)
+    return data, decoded
+
+
+def member_bytes(image: Image.Image, size: tuple[int, int], source: tuple[bytes, Decoded] | None) -> tuple[bytes, bool]:
+    """(JPEG bytes of a member stored at ``size``, whether it was re-encoded): a source that is a
+    baseline RGB JPEG stored at its own size keeps its bytes (no second lossy encode)."""
+    if source is not None and source[1].reusable_jpeg and image.size == size:
+        return source[0], False
+    if image.size != size:
+        image = image.resize(size, STORE_FILTER)
+    return _jpeg(image, JPEG_QUALITY), True
+
+
+def _make_sample(item: Item, settings: BuildSettings) -> Result:
+    sharp = read_image(item.path, item.rel, settings)
+    if isinstance(sharp, str):
+        return "skip", sharp
+    w, h = sharp[1].image.size
+    if item.blurred_path is None:
+        # Blur at the source resolution, then downscale both members alike (the original
+        # pipeline's blur-then-resize): the blur stays the one the json describes at source size.
+        blur = draw_params(settings.seed, item.key, (w, h), settings.blur)
+        blurred, blurred_image = None, Image.fromarray(apply_blur(np.asarray(sharp[1].image), blur))
+    else:
+        blurred = read_image(item.blurred_path, item.blurred_rel, settings)
+        if isinstance(blurred, str):
+            return "skip", f"{blurred} (the blurred image {item.blurred_rel})"
+        blur, blurred_image = dict(REAL_BLUR), blurred[1].image
+        if blurred_image.size != (w, h):
+            bw, bh = blurred_image.size
+            return "skip", f"sizes differ: sharp {w}x{h}, blurred {bw}x{bh} (the blurred image {item.blurred_rel})"
     size = stored_size((w, h), settings.store_size)
-    keep_bytes = decoded.reusable_jpeg and size == (w, h)
-    if size != (w, h):
-        sharp_image = sharp_image.resize(size, STORE_FILTER)
-        blurred_image = blurred_image.resize(size, STORE_FILTER)
+    sharp_member, sharp_reencoded = member_bytes(sharp[1].image, size, sharp)
+    blurred_member, blurred_reencoded = member_bytes(blurred_image, size, blurred)
     meta = {
         "key": item.key,
         "source": item.rel,
@@ -132,11 +156,13 @@ def _make_sample(item: Item, settings: BuildSettings) -> Result:
         "size": list(size),
         "source_size": [w, h],
         "blur": blur,
-        "sharp_reencoded": not keep_bytes,
+        "sharp_reencoded": sharp_reencoded,
     }
+    if item.blurred_rel is not None:  # a photographed pair: both source files, no kernel
+        meta |= {"blurred_source": item.blurred_rel, "blurred_reencoded": blurred_reencoded}
     members = [
-        (f"{item.key}.{SHARP}", data if keep_bytes else _jpeg(sharp_image, JPEG_QUALITY)),
-        (f"{item.key}.{BLURRED}", _jpeg(blurred_image, JPEG_QUALITY)),
+        (f"{item.key}.{SHARP}", sharp_member),
+        (f"{item.key}.{BLURRED}", blurred_member),
         (f"{item.key}.{META}", json.dumps(meta, sort_keys=True).encode()),
     ]
     return "ok", members

@@ -41,6 +41,9 @@ class DataConfig(_Section):
     batch_size: PositiveInt  # per process; each G or D update consumes one batch
     image_size: Literal[64] = 64  # the unpadded generator only fits 64x64
     flip: bool = True  # random horizontal flip, same for both members of a pair
+    # Patch training (real blur, e.g. configs/gopro.yaml): an image_size crop of each pair at full
+    # resolution, one window for both members; false = each image resized whole (CelebA's).
+    crop: bool = False
     # Cores each process's loader keeps busy (torch DataLoader workers; DALI runs one CPU thread
     # more unless decode_threads says otherwise); None = this machine's usable cores divided by
     # the processes on it (LOCAL_WORLD_SIZE), so ranks do not oversubscribe.

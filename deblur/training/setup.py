@@ -164,6 +164,7 @@ def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool)
         seed=cfg.seed,
         shuffle=train,
         flip=cfg.data.flip and train,
+        crop=cfg.data.crop,
         backend=cfg.data.loader,
         device=accelerator.device,
         num_workers=cfg.data.workers or cores,
