@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m deblur.bench {shard,loader,train,checkpoint} [options]``.
+"""Benchmarks: ``python -m deblur.bench {shard,loader,train,checkpoint,gpu} [options]``.
 
 Each subcommand lives in its own module; ``--help`` after the subcommand lists its options.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m deblur.bench {shard,loader,train,checkpoint} [options]"
+USAGE = "usage: python -m deblur.bench {shard,loader,train,checkpoint,gpu} [options]"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
         from deblur.bench import train as bench
     elif name == "checkpoint":
         from deblur.bench import checkpoint as bench
+    elif name == "gpu":
+        from deblur.bench import gpu as bench
     else:
         raise SystemExit(f"unknown benchmark {name!r}; {USAGE}")
     bench.main(rest)
