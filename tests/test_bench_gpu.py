@@ -21,7 +21,8 @@ def test_the_gpu_benchmark_dry_run_writes_every_stage_and_the_table(tmp_path):
     summary = json.loads(out.read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
     assert status["bf16"] == status["loader"] == status["fp32"] == "done", status
-    assert status["cudagraphs"].startswith("skipped: dry run") and status["autotune"].startswith("skipped: dry run")
+    for compiled_only in ("bf16_update", "cudagraphs", "autotune"):
+        assert status[compiled_only].startswith("skipped: dry run"), status
     assert status["fp16"].startswith("skipped")  # no GPU here
     results = summary["train"]["results"]
     assert {(r["precision"], r["variant"], r["input"]) for r in results if r["input"] == "synthetic"} == {
@@ -33,6 +34,7 @@ def test_the_gpu_benchmark_dry_run_writes_every_stage_and_the_table(tmp_path):
     assert [r["input"] for r in results].count("loader") == 1  # the shipped setting, fed by the DALI loader
     # The step moves nothing between host and device, in every variant (counted, not timed).
     assert all(r["host_ops"] == 0 and r["images_per_s"] > 0 for r in results), results
+    assert summary["train"]["failed"] == []
     assert summary["loader"]["dali"] > 0 and summary["loader"]["dali_small"] > 0
     assert summary["targets"]["images_per_s_met"] is None  # a dry run gives no verdict
     text = out.with_suffix(".txt").read_text()

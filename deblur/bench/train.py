@@ -201,16 +201,23 @@ def trial(args: argparse.Namespace, precision: str, workdir: Path) -> dict:
         sync()
         return time.perf_counter() - start
 
-    setups, probes = {}, {}
+    setups, probes, failed = {}, {}, []
     for name in variants:
-        gan = build_models(bench_config(args, workdir, PRECISIONS[precision], name), accelerator)
-        fmt = torch.channels_last if VARIANTS[name][0] else torch.contiguous_format
-        batch = (blurred.contiguous(memory_format=fmt), sharp.contiguous(memory_format=fmt))
-        start = time.perf_counter()
-        run(gan, itertools.repeat(batch), args.warmup, False)
-        warmup_s = time.perf_counter() - start
+        try:
+            gan = build_models(bench_config(args, workdir, PRECISIONS[precision], name), accelerator)
+            fmt = torch.channels_last if VARIANTS[name][0] else torch.contiguous_format
+            batch = (blurred.contiguous(memory_format=fmt), sharp.contiguous(memory_format=fmt))
+            start = time.perf_counter()
+            run(gan, itertools.repeat(batch), args.warmup, False)
+            warmup_s = time.perf_counter() - start
+            probes[name] = {"warmup_s": round(warmup_s, 1), **step_probes(gan, itertools.repeat(batch), device)}
+        except Exception as error:  # one variant's compile error or OOM must not cost the others
+            print(f"{precision} {name}: failed: {error!r}", file=sys.stderr)
+            failed.append({"precision": precision, "variant": name, "error": f"{type(error).__name__}: {error}"[:500]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         print(f"{precision} {name}: warmup {warmup_s:.1f} s", file=sys.stderr)
-        probes[name] = {"warmup_s": round(warmup_s, 1), **step_probes(gan, itertools.repeat(batch), device)}
         setups[name] = (gan, batch, VARIANTS[name][3])
 
     # The shipped setting, fed by the loader, takes its turn right after its synthetic one.
@@ -252,6 +259,7 @@ def trial(args: argparse.Namespace, precision: str, workdir: Path) -> dict:
         flops = flops_per_image(gan, batch, updates, args.batch_size)
     return {
         "results": results,
+        "failed": failed,
         "flops_per_image": flops,
         "shipped": {"precision": shipped_precision, "variant": shipped},
     }
@@ -274,13 +282,14 @@ def main(argv: list[str]) -> None:
                 args.shards = Path(tmp) / "demo"
                 print(f"building demo shards in {args.shards} (pass --shards to use your own)", file=sys.stderr)
                 build_shards(None, args.shards, demo=True)
-        results, flops, shipped = [], None, None
+        results, failed, flops, shipped = [], [], None, None
         for precision in args.precisions.split(","):
             out = run_trial(args, precision)
             results += out["results"]
+            failed += out["failed"]
             flops = flops or out["flops_per_image"]
             shipped = out["shipped"]
-    summary = report(args, results, flops, shipped)
+    summary = report(args, results, flops, shipped, failed)
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
@@ -296,8 +305,10 @@ def run_trial(args: argparse.Namespace, precision: str, timeout: float | None = 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(args: argparse.Namespace, results: list[dict], flops: float | None, shipped: dict) -> dict:
-    """Print the table and the JSON line; return the JSON object."""
+def report(
+    args: argparse.Namespace, results: list[dict], flops: float | None, shipped: dict, failed: list[dict]
+) -> dict:
+    """Print the table (and the variants that failed) and the JSON line; return the JSON object."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     annotate(results, flops)
     print(
@@ -308,6 +319,8 @@ def report(args: argparse.Namespace, results: list[dict], flops: float | None, s
         print(f"model FLOPs per training image: {flops / 1e9:.2f} GFLOP (one fp32 step, torch FlopCounterMode)")
     print(f"shipped config on this machine: {shipped['precision']} + {shipped['variant']}")
     print(table(results))
+    for failure in failed:
+        print(f"{failure['precision']} {failure['variant']} failed: {failure['error']}")
     summary = {
         "benchmark": "train",
         "device": device,
@@ -319,6 +332,7 @@ def report(args: argparse.Namespace, results: list[dict], flops: float | None, s
         "flops_per_image": flops,
         "shipped": shipped,
         "results": results,
+        "failed": failed,
     }
     print(json.dumps(summary))
     return summary
