@@ -24,13 +24,13 @@ turn, so that a shared machine's slow spells hit both alike; ``wait`` is the sha
 spent waiting for batches. Ratios are to fp32 eager. Model FLOPs per image are counted once
 (torch's FlopCounterMode over one fp32 step), so achieved TFLOP/s = FLOPs/image x images/s.
 
-Per variant, after its warm-up, one step is also run under ``deblur.bench.transfers``'
-HostTransfers (``host ops``: operations that move data between host and device, counted by what
-they are so that a CPU run shows them too; compiled variants are counted as their eager
-equivalent, ``+1`` is the trainer's deliberate read) and, on a GPU, under
-``torch.cuda.set_sync_debug_mode("warn")`` (``syncs``: CUDA calls that made the host wait), and
-its peak GPU memory is taken over one step. images/s counts training pairs consumed:
-(1 + 3) x batch size per step.
+Per variant (and for the loader-fed run, the loader's work included), after its warm-up, one
+step is also run under ``deblur.bench.transfers``' HostTransfers (``host ops``: operations that
+move data between host and device, counted by what they are so that a CPU run shows them too;
+compiled variants are counted as their eager equivalent, ``+1`` is the trainer's deliberate
+read) and, on a GPU, under ``torch.cuda.set_sync_debug_mode("warn")`` (``syncs``: CUDA calls
+that made the host wait), and its peak GPU memory is taken over one step. images/s counts
+training pairs consumed: (1 + 3) x batch size per step.
 """
 
 from __future__ import annotations
@@ -227,6 +227,7 @@ def trial(args: argparse.Namespace, precision: str, workdir: Path) -> dict:
     if PRECISIONS[precision] == shipped_precision and shipped in setups:
         feed = Feed(loader, updates, None)
         run(setups[shipped][0], feed, args.warmup, False)
+        fed_probes = step_probes(setups[shipped][0], feed, device)  # the loader's own transfers included
     seconds = {name: [] for name in setups}
     fed, waits = [], []
     for _ in tqdm(range(args.repeat), desc=f"{precision} rounds", file=sys.stderr):
@@ -237,7 +238,7 @@ def trial(args: argparse.Namespace, precision: str, workdir: Path) -> dict:
                 fed.append(run(gan, feed, args.steps, False))
                 waits.append(feed.wait / fed[-1])
 
-    def result(name: str, input_: str, times: list[float], **extra) -> dict:
+    def result(name: str, input_: str, times: list[float], **extra) -> dict:  # extra overrides probes
         elapsed = statistics.median(times)
         return {
             "precision": precision,
@@ -252,7 +253,8 @@ def trial(args: argparse.Namespace, precision: str, workdir: Path) -> dict:
 
     results = [result(name, "synthetic", times) for name, times in seconds.items()]
     if fed:
-        results.append(result(shipped, "loader", fed, wait_fraction=round(statistics.median(waits), 3)))
+        wait = round(statistics.median(waits), 3)
+        results.append(result(shipped, "loader", fed, **fed_probes, wait_fraction=wait))
     flops = None
     if precision == "fp32" and "eager" in setups:
         gan, batch, _ = setups["eager"]
