@@ -118,7 +118,8 @@ def _moves_between_devices(name: str, args: tuple, kwargs: dict) -> bool:
 
 class HostTransfers:
     """Context manager: counts host<->device operations by kind (module doc) while active, and
-    where each kind came from (the innermost frame outside torch, as ``file:line``)."""
+    where each kind came from (``path:line`` of the innermost frame in the deblur package, else of
+    the innermost one outside torch), and the collectives."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
@@ -211,14 +212,15 @@ class _Operators(TorchDispatchMode):
             self.owner.record("from_host")
         elif name in _READ_OPS:
             self.owner.record("host_read")
-        elif name in _DATA_DEPENDENT_OPS or _data_dependent(name, args, kwargs or {}):
+        elif name in _DATA_DEPENDENT_OPS or _data_dependent(func, args, kwargs or {}):
             self.owner.record("data_dependent")
         return func(*args, **(kwargs or {}))
 
 
-def _data_dependent(name: str, args: tuple, kwargs: dict) -> bool:
+def _data_dependent(func, args: tuple, kwargs: dict) -> bool:
+    name = str(func.overloadpacket)
     if name == "aten.index":  # x[mask] with a boolean mask
         return any(i is not None and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
-    if name == "aten.repeat_interleave":
-        return kwargs.get("output_size") is None and len(args) > 0 and isinstance(args[0], torch.Tensor)
+    if name == "aten.repeat_interleave":  # repeats given as a tensor, without output_size
+        return func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
     return False
