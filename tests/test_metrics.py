@@ -60,3 +60,15 @@ def test_identical_images_score_perfect_ssim():
     _, target = _pairs()
     assert torch.allclose(ssim(target, target), torch.ones(3), atol=1e-5)
     assert np.all(psnr(target, target).numpy() > 100)
+
+
+def test_ssim_uses_one_window_per_device_and_matches_pytorch_msssim_default():
+    from pytorch_msssim import ssim as library_ssim
+
+    from deblur.metrics import ssim_window
+
+    restored, target = _pairs()
+    expected = library_ssim(restored, target, data_range=1.0, size_average=False)  # builds its own window
+    torch.testing.assert_close(ssim(restored, target), expected, rtol=0, atol=0)
+    assert ssim_window("cpu") is ssim_window(torch.device("cpu"))  # made once, then kept
+    assert ssim_window("cpu").shape == (3, 1, 1, 11)

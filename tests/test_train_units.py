@@ -8,7 +8,7 @@ import torch
 from deblur.models import Discriminator
 from deblur.norm import normalize
 from deblur.training.checkpoint import complete_checkpoints, remove_partial_saves, step_dir_name
-from deblur.training.gan import bce_towards, frozen, ssim_loss
+from deblur.training.gan import bce_towards, frozen, restoration_losses
 from deblur.training.validation import summarize
 
 
@@ -43,12 +43,17 @@ def test_step_dirs_sort_numerically_past_seven_digits(tmp_path):
     assert newest(tmp_path) == big
 
 
-def test_ssim_loss_is_zero_for_identical_images_and_grows_with_blur():
-    sharp = normalize(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
-    blurred = torch.nn.functional.avg_pool2d(sharp, 5, 1, 2)
-    assert ssim_loss(sharp, sharp).item() < 1e-6
-    assert ssim_loss(blurred, sharp).item() > 0.1
-    assert ssim_loss(sharp.half(), sharp).dtype == torch.float32  # measured in float32 whatever the input
+def test_restoration_losses_are_zero_for_identical_images_and_grow_with_blur():
+    unit = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    sharp = normalize(unit)
+    blurred = torch.nn.functional.avg_pool2d(sharp, 5, 1, 2, count_include_pad=False)
+    assert all(term.item() < 1e-6 for term in restoration_losses(sharp, sharp))
+    ssim_term, l1_term = restoration_losses(blurred, sharp)
+    assert ssim_term.item() > 0.1
+    # L1 is measured on [0, 1] images, not in normalized units
+    expected = (torch.nn.functional.avg_pool2d(unit, 5, 1, 2, count_include_pad=False) - unit).abs().mean()
+    assert l1_term.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert all(t.dtype == torch.float32 for t in restoration_losses(sharp.half(), sharp))  # float32 whatever the input
 
 
 def test_bce_towards_labels():

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m deblur.bench {shard,loader,train,checkpoint,launch} [options]``.
+"""Benchmarks: ``python -m deblur.bench {shard,loader,train,checkpoint,launch,gpu} [options]``.
 
 Each subcommand lives in its own module; ``--help`` after the subcommand lists its options.
 The whole command runs through :func:`deblur.errors.run_main`: a bad option, shard folder or
@@ -11,7 +11,7 @@ import sys
 
 from deblur.errors import InputError, run_main
 
-USAGE = "usage: python -m deblur.bench {shard,loader,train,checkpoint,launch} [options]"
+USAGE = "usage: python -m deblur.bench {shard,loader,train,checkpoint,launch,gpu} [options]"
 
 
 def dispatch(argv: list[str]) -> int | None:
@@ -31,6 +31,8 @@ def dispatch(argv: list[str]) -> int | None:
         from deblur.bench import checkpoint as bench
     elif name == "launch":
         from deblur.bench import launch as bench
+    elif name == "gpu":
+        from deblur.bench import gpu as bench
     else:
         raise InputError(f"unknown benchmark {name!r}; {USAGE}")
     return bench.main(rest)

@@ -15,7 +15,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from deblur.loading.contract import PairOptions, RankPart, derived_seed
-from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+from deblur.norm import channel_stats
 from deblur.shard.format import PAIR_MEMBERS
 
 READER_NAME = "Reader"
@@ -112,11 +112,5 @@ def crop_pipeline(source, image_size: int, *, gpu: bool, hw_decoder_load: float 
 
 
 def _normalize(images, mirror):
-    return fn.crop_mirror_normalize(
-        images,
-        dtype=types.FLOAT,
-        output_layout="HWC",
-        mean=[255.0 * m for m in IMAGENET_MEAN],
-        std=[255.0 * s for s in IMAGENET_STD],
-        mirror=mirror,
-    )
+    mean, std = channel_stats(max_value=255)  # deblur.norm's definition, for uint8 pixels
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std, mirror=mirror)

@@ -41,7 +41,7 @@ from deblur.loading.contract import (
     read_pair,
 )
 from deblur.loading.decode import decode_crop, decode_resized
-from deblur.norm import IMAGENET_MEAN, IMAGENET_STD
+from deblur.norm import normalize
 from deblur.shard.format import PAIR_MEMBERS, SHARP, ShardError
 
 
@@ -109,13 +109,9 @@ class PairStream(IterableDataset):
                 else:
                     image = decode_resized(members[ext], size, where[ext])
                 out[m, i] = (image.flip(-1) if mirror[i] else image).permute(1, 2, 0)
-        if self.normalize:  # (x - 255 mean) / (255 std) = deblur.norm.normalize(x / 255)
-            # Whole (S, S, 3) planes, not (3,) vectors: broadcasting only over the batch keeps
-            # the inner loop long and vectorised (a 3-long inner loop ran several times slower).
-            mean = (255 * torch.tensor(IMAGENET_MEAN)).expand(size, size, 3).contiguous()
-            std = (255 * torch.tensor(IMAGENET_STD)).expand(size, size, 3).contiguous()
-            out = out.float().sub_(mean).div_(std)
         images = out.permute(0, 1, 4, 2, 3)  # (2, B, 3, S, S), channels_last
+        if self.normalize:
+            images = normalize(images, max_value=255)  # keeps the layout
         return images[0], images[1]
 
 
@@ -156,19 +152,13 @@ def shield_worker(worker_id: int) -> None:
 class TorchPairLoader(Position):
     backend = "torch"
 
-    def __init__(self, part: RankPart, pairs: PairOptions, **runtime):
-        super().__init__(part, pairs, **runtime)
-        self._mean = 255 * torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = 255 * torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-
     def _to_model(self, images: torch.Tensor) -> torch.Tensor:
         # memory_format: a no-op for the workers' channels_last batches, kept explicit so pinning
         # can never hand the models another layout.
         images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         if images.is_floating_point():  # normalized by the worker (CPU target)
             return images
-        # (x - 255 mean) / (255 std) = deblur.norm.normalize(x / 255), in place
-        return images.float().sub_(self._mean).div_(self._std)
+        return normalize(images, max_value=255)
 
     def __iter__(self):
         if len(self) == 0:  # an empty part (drop_last=False, fewer samples than ranks)

@@ -90,6 +90,12 @@ class TrainConfig(_Section):
     # torch.compile of G and D (in place: state-dict keys are unchanged, so checkpoints move
     # freely between compiled and eager runs). auto = on for CUDA, off on CPU.
     compile: bool | Literal["auto"] = "auto"
+    # What compile covers: "models" (G and D, each on its own) or "update" (each update's forward
+    # passes and losses as one graph, which fuses the losses' small kernels; deblur/training/gan.py).
+    compile_scope: Literal["models", "update"] = "models"
+    # torch.compile's mode: default | max-autotune-no-cudagraphs (tuned kernels, longer compile) |
+    # reduce-overhead (CUDA graphs: one launch per graph; CUDA only, elsewhere it runs as default).
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
     # Models and batches in channels_last memory format (NHWC): the layout cuDNN's and oneDNN's
     # fastest convolutions use. Off only to measure the difference.
     channels_last: bool = True

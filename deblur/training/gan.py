@@ -7,9 +7,9 @@ Each update consumes its own fresh (blurred, sharp) batch from the loader, so on
   and is trained with BCE-with-logits towards 1 for sharp and 0 for restored.
 - G update: restored = G(blurred) with gradients; loss = ssim_weight * (1 - SSIM(restored, sharp))
   + adv_weight * BCE(D(restored), 1) + l1_weight * mean|restored - sharp| (the L1 term is ours,
-  see LossConfig; l1_weight=0 is the paper's loss). SSIM is pytorch-msssim's on images mapped back to [0, 1],
-  in float32, data_range=1. D again sees ``cat([sharp, restored])`` and only the restored half's
-  logits enter the loss.
+  see LossConfig; l1_weight=0 is the paper's loss). SSIM and L1 are measured on images mapped back
+  to [0, 1] (each image once), in float32; SSIM is deblur.metrics' (pytorch-msssim, data_range=1).
+  D again sees ``cat([sharp, restored])`` and only the restored half's logits enter the loss.
 
 Why one concatenated D forward (in both updates):
 - BatchNorm: D's batch statistics are always those of a half-real, half-restored batch, so D
@@ -28,37 +28,53 @@ toggling requires_grad on a DDP-wrapped module's parameters between its own forw
 confuses DDP's reducer. Calling ``accelerator.unwrap_model(D)`` with requires_grad off skips
 both: no D weight gradients are computed, no DDP hooks fire, and only G's optimizer steps.
 
-Non-finite losses: every update all-reduces its loss (and the logged statistics) before its
-optimizer step. The mean is non-finite on every rank as soon as it is on one, so all ranks skip
-the same update together. The skip happens on the device (fused Adam's ``found_inf`` flag), so
-no update waits for the host to look at its loss; the trainer reads the statistics, skip flags
-included, a whole logging interval at a time.
+Nothing in a step waits for the device or talks to the other ranks beyond DDP's gradient
+all-reduce (tests/test_host_transfers.py keeps it so):
+- Non-finite updates are skipped on the device: an update is skipped when the gradients DDP
+  averaged are not finite (their norm is computed anyway, for clipping and the log). They are the
+  same on every rank, so every rank skips the same updates without a collective of its own, and
+  a non-finite loss on any rank counts too: it is multiplied into the backward (``loss *
+  gate``, the gate 1 or NaN) so that its gradients, and so the average, are NaN. The verdict is
+  fused Adam's ``found_inf`` flag, which makes the kernel leave weights and Adam state untouched;
+  under fp16 the grad scaler computes the same verdict from the same gradients (and backs off).
+- Statistics stay on the device, per rank, and :class:`deblur.training.meter.Meter` averages
+  them over ranks once per logging interval.
+- Constants (normalization, the SSIM window) are made once per device (deblur.norm,
+  deblur.metrics), before anything compiled can trace them.
+
+Autocast: Accelerate's ``prepare`` runs each model's forward under autocast and returns float32,
+so the losses run outside it, in float32.
+
+Compilation: ``compile_mode`` (``train.compile_scope: update``) compiles each update's forward
+passes and losses as one function, so inductor fuses the loss's many small kernels with the
+models' last layers; backward is compiled with it, the gradient norm and the fused optimizer
+step stay eager. A DDP-wrapped model is a graph break (DDP's forward runs eagerly and its module
+is compiled on its own, split at bucket boundaries by torch's DDPOptimizer), so under DDP the
+losses and the frozen critic still form one graph. ``reduce-overhead`` (CUDA graphs) marks a new
+step before every update and copies the graphs' outputs out at once, as CUDA-graph trees require.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from pytorch_msssim import ssim
 from torch import nn
 
+from deblur import metrics, norm
 from deblur.norm import denormalize
 from deblur.training.config import LossConfig, OptimConfig
 
 
-def ssim_loss(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
-    """1 - mean SSIM of normalized-space images, measured on [0, 1] images in float32."""
-    return 1 - ssim(denormalize(restored.float()), denormalize(sharp.float()), data_range=1.0, size_average=True)
-
-
-def l1_loss(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error of normalized-space images, measured on [0, 1] images in float32."""
-    return (denormalize(restored.float()) - denormalize(sharp.float())).abs().mean()
+def restoration_losses(restored: torch.Tensor, sharp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - mean SSIM, mean absolute error) of normalized-space images, both measured on [0, 1]
+    images in float32; each image is mapped back to [0, 1] once."""
+    restored01, sharp01 = denormalize(restored.float()), denormalize(sharp.float())
+    return 1 - metrics.ssim(restored01, sharp01).mean(), (restored01 - sharp01).abs().mean()
 
 
 def bce_towards(logits: torch.Tensor, real: bool) -> torch.Tensor:
@@ -68,42 +84,23 @@ def bce_towards(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
-D_STATS = ("d/loss", "d/prob_real", "d/prob_restored")
-G_STATS = ("g/loss", "g/ssim_loss", "g/adv_loss", "g/l1_loss")
+D_STATS = ("d/loss", "d/prob_real", "d/prob_restored", "d/grad_norm")
+G_STATS = ("g/loss", "g/ssim_loss", "g/adv_loss", "g/l1_loss", "g/grad_norm")
 
-
-@dataclass(frozen=True)
-class UpdateResult:
-    """Rank-averaged statistics of one update, on the host; ``skipped`` when its loss was
-    non-finite on any rank."""
-
-    kind: str  # "d" or "g"
-    skipped: bool
-    stats: dict[str, float]
+# A per-G-update hook: (the unwrapped generator, the update's skip flag: a 0-dim float32 device
+# tensor, 1 = skipped). Called after the optimizer step, e.g. for an EMA of the weights. It must
+# stay on the device: no .item(), no Python branch on a tensor, no tensor built from host data.
+UpdateHook = Callable[[nn.Module, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
 class StepStats:
-    """One or more steps' statistics, still on the device: for each update, a flag (1 = skipped)
-    followed by its D_STATS or G_STATS. Reading them costs one host transfer, so the trainer
-    gathers many steps (:meth:`concat`) before it :meth:`read`-s them."""
+    """One step's statistics, still on the device and not yet averaged over ranks: one row per
+    update, its skip flag (1 = skipped; the same on every rank) followed by D_STATS or G_STATS.
+    :class:`deblur.training.meter.Meter` collects them and reads a whole interval at once."""
 
-    values: torch.Tensor  # 1-D, float32
-    kinds: tuple[str, ...]  # "d" / "g" per update, in order
-
-    @staticmethod
-    def concat(parts: list[StepStats]) -> StepStats:
-        return StepStats(torch.cat([p.values for p in parts]), tuple(k for p in parts for k in p.kinds))
-
-    def read(self) -> list[UpdateResult]:
-        host = self.values.cpu().tolist()
-        results, at = [], 0
-        for kind in self.kinds:
-            names = D_STATS if kind == "d" else G_STATS
-            row = host[at : at + 1 + len(names)]
-            at += 1 + len(names)
-            results.append(UpdateResult(kind, row[0] != 0, dict(zip(names, row[1:]))))
-        return results
+    d: torch.Tensor  # (1, 1 + len(D_STATS)), float32
+    g: torch.Tensor  # (g_updates_per_step, 1 + len(G_STATS)), float32
 
 
 @contextmanager
@@ -126,7 +123,12 @@ def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 class GanStep:
     """The update rules and their schedule. Models and optimizers must already be
     ``accelerator.prepare``-d; the optimizers must be fused Adam (:func:`make_optimizer`), whose
-    kernel can skip an update on a device-side flag."""
+    kernel can skip an update on a device-side flag.
+
+    ``compile_mode``: None (eager updates; the models may be compiled on their own) or a
+    torch.compile mode ("default", "max-autotune-no-cudagraphs", "reduce-overhead") for each
+    update's forward passes and losses. ``g_update_hooks`` run after every G update (UpdateHook).
+    """
 
     def __init__(
         self,
@@ -137,78 +139,105 @@ class GanStep:
         d_optimizer: torch.optim.Optimizer,
         loss: LossConfig,
         optim: OptimConfig,
+        compile_mode: str | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.generator = generator
         self.discriminator = discriminator
+        self.critic = accelerator.unwrap_model(discriminator)  # D as G's loss sees it (module doc)
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.loss = loss
         self.optim = optim
+        self.g_update_hooks: list[UpdateHook] = []
+        # The constants the losses use, made now so that no update builds them (and nothing
+        # compiled traces their creation).
+        norm.constants(accelerator.device)
+        metrics.ssim_window(accelerator.device)
+        self.compile_mode = compile_mode
+        self._d_forward, self._g_forward = self.d_forward, self.g_forward
+        if compile_mode is not None:
+            self._d_forward = torch.compile(self.d_forward, mode=compile_mode)
+            self._g_forward = torch.compile(self.g_forward, mode=compile_mode)
 
     def step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
         """One GAN step: a D update, then ``g_updates_per_step`` G updates, each on
         ``next(batches)``. Nothing in it waits for the device."""
-        parts = [self.d_update(*next(batches))]
-        parts += [self.g_update(*next(batches)) for _ in range(self.loss.g_updates_per_step)]
-        return StepStats.concat(parts)
+        d = self.d_update(*next(batches))
+        g = [self.g_update(*next(batches)) for _ in range(self.loss.g_updates_per_step)]
+        return StepStats(d.unsqueeze(0), torch.stack(g))
 
-    def _agree(self, stats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """All-reduce (mean) the update's statistics, loss first. Returns (the statistics with a
-        leading skip flag, the flag as fused Adam's ``found_inf``): non-finite on any rank makes
-        the mean non-finite on every rank, so all of them skip together."""
-        values = self.accelerator.reduce(torch.stack([v.detach().float().reshape(()) for v in stats]), reduction="mean")
-        found_inf = (~torch.isfinite(values[0])).float()
-        return torch.cat([found_inf.reshape(1), values]), found_inf
+    def d_forward(self, blurred: torch.Tensor, sharp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's loss and its statistics (without the gradient norm)."""
+        n = sharp.shape[0]
+        with torch.no_grad():
+            restored = self.generator(blurred)
+        logits = self.discriminator(torch.cat([sharp, restored.to(sharp.dtype)])).float()
+        real_logits, fake_logits = logits[:n], logits[n:]
+        # Mean of the two halves' BCE: real towards 1, restored towards 0.
+        loss = 0.5 * (bce_towards(real_logits, real=True) + bce_towards(fake_logits, real=False))
+        stats = torch.stack([loss, torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()])
+        return loss, stats.detach()
+
+    def g_forward(self, blurred: torch.Tensor, sharp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G's loss and its statistics (without the gradient norm); D must be frozen."""
+        n = sharp.shape[0]
+        restored = self.generator(blurred)
+        fake_logits = self.critic(torch.cat([sharp, restored.to(sharp.dtype)]))[n:].float()
+        ssim_term, l1_term = restoration_losses(restored, sharp)
+        adv_term = bce_towards(fake_logits, real=True)
+        loss = self.loss.ssim_weight * ssim_term + self.loss.adv_weight * adv_term + self.loss.l1_weight * l1_term
+        return loss, torch.stack([loss, ssim_term, adv_term, l1_term]).detach()
+
+    def d_update(self, blurred: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+        """One D update; returns its statistics row (skip flag, D_STATS) on the device."""
+        self._new_graph_step()
+        loss, stats = self._d_forward(blurred, sharp)
+        return self._apply(loss, stats, self.d_optimizer)[0]
+
+    def g_update(self, blurred: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+        """One G update; returns its statistics row (skip flag, G_STATS) on the device."""
+        self._new_graph_step()
+        # The graph is built while D is frozen, so backward computes no D weight gradients.
+        with frozen(self.critic):
+            loss, stats = self._g_forward(blurred, sharp)
+        row, found_inf = self._apply(loss, stats, self.g_optimizer)
+        if self.g_update_hooks:
+            generator = self.accelerator.unwrap_model(self.generator)
+            for hook in self.g_update_hooks:
+                hook(generator, found_inf)
+        return row
+
+    def _new_graph_step(self) -> None:
+        # CUDA-graph trees (reduce-overhead) reuse their output memory at every replay; marking
+        # each update as a new step says the previous update's outputs are no longer read.
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _apply(
-        self, loss: torch.Tensor, found_inf: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> None:
-        """Backward and optimizer step; the fused kernel leaves weights and Adam state untouched
-        (step count included) when ``found_inf`` is 1. Deciding on the device instead of with
-        ``if loss.isfinite():`` spares a host wait per update. Under fp16 the grad scaler sets
-        ``found_inf`` itself from the gradients, which a non-finite loss makes non-finite too."""
-        self.accelerator.backward(loss)
-        if self.optim.grad_clip is not None:
-            # Unscale (fp16) only this optimizer's gradients: accelerator.clip_grad_norm_ would
-            # unscale every prepared optimizer, including the one that is not stepping now.
-            self.accelerator.unscale_gradients(optimizer=optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
+        self, loss: torch.Tensor, stats: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward and optimizer step, skipped on the device when the update is not finite (see
+        the module doc). Returns (the statistics row: skip flag, ``stats``, gradient norm; the
+        skip flag as fused Adam's ``found_inf``)."""
+        # 1, or NaN when the loss is not finite: x * 1 leaves every gradient exact, x * NaN makes
+        # all of them NaN, on this rank and, through DDP's average, on every rank.
+        gate = 1 + 0 * loss.detach()
+        self.accelerator.backward(loss * gate)
+        self.accelerator.unscale_gradients(optimizer=optimizer)  # fp16: true gradients (else a no-op)
         inner = _torch_optimizer(optimizer)
+        params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.optim.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.optim.grad_clip, grad_norm)
+        found_inf = (~torch.isfinite(grad_norm)).float()
         inner.found_inf = found_inf
         try:
             optimizer.step()
         finally:
             inner.__dict__.pop("found_inf", None)
         optimizer.zero_grad(set_to_none=True)
-
-    def d_update(self, blurred: torch.Tensor, sharp: torch.Tensor) -> StepStats:
-        n = sharp.shape[0]
-        with torch.no_grad(), self.accelerator.autocast():
-            restored = self.generator(blurred)
-        with self.accelerator.autocast():
-            logits = self.discriminator(torch.cat([sharp, restored.to(sharp.dtype)])).float()
-        real_logits, fake_logits = logits[:n], logits[n:]
-        # Mean of the two halves' BCE: real towards 1, restored towards 0.
-        loss = 0.5 * (bce_towards(real_logits, real=True) + bce_towards(fake_logits, real=False))
-        values, found_inf = self._agree([loss, torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()])
-        self._apply(loss, found_inf, self.discriminator, self.d_optimizer)
-        return StepStats(values, ("d",))
-
-    def g_update(self, blurred: torch.Tensor, sharp: torch.Tensor) -> StepStats:
-        n = sharp.shape[0]
-        critic = self.accelerator.unwrap_model(self.discriminator)
-        # The graph is built while D is frozen, so backward computes no D weight gradients.
-        with frozen(critic), self.accelerator.autocast():
-            restored = self.generator(blurred)
-            fake_logits = critic(torch.cat([sharp, restored.to(sharp.dtype)]))[n:].float()
-        ssim_term = ssim_loss(restored, sharp)
-        adv_term = bce_towards(fake_logits, real=True)
-        l1_term = l1_loss(restored, sharp)
-        loss = self.loss.ssim_weight * ssim_term + self.loss.adv_weight * adv_term + self.loss.l1_weight * l1_term
-        values, found_inf = self._agree([loss, ssim_term, adv_term, l1_term])
-        self._apply(loss, found_inf, self.generator, self.g_optimizer)
-        return StepStats(values, ("g",))
+        return torch.cat([found_inf.reshape(1), stats.float(), grad_norm.reshape(1).float()]), found_inf
 
 
 def make_optimizer(model: nn.Module, lr: float, optim: OptimConfig) -> torch.optim.Adam:

@@ -66,7 +66,7 @@ def train(cfg: Config) -> str:
 
     init_tracking(cfg, accelerator)
     log = Log(cfg, accelerator)
-    meter = Meter(cfg.train.max_consecutive_skips, **counters)
+    meter = Meter(accelerator, cfg.train.max_consecutive_skips, **counters)
     updates_per_step = 1 + cfg.loss.g_updates_per_step
     record = cfg.output_dir / f"batches-rank{accelerator.process_index}.jsonl" if cfg.train.record_batches else None
     feed = Feed(train_loader, updates_per_step, record)
@@ -74,8 +74,11 @@ def train(cfg: Config) -> str:
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     stopped = False
     while step < cfg.train.max_steps:
+        # The steady-state step: nothing here waits for the device or builds a tensor from host
+        # data; the stop flag's one host read was copied a step earlier (tests/test_host_transfers.py).
         feed.step = step
         meter.add(gan.step(feed))
+        stopped = stop.agreed(accelerator)
         step += 1
         throughput.step()
         progress.update(1)
@@ -98,7 +101,6 @@ def train(cfg: Config) -> str:
                 validate_and_sample(
                     accelerator, gan, val_loader, log, step, cfg.output_dir / "samples", cfg.train.sample_images
                 )
-            stopped = stop.agreed(accelerator)
             if stopped or step % cfg.train.checkpoint_every == 0 or last:
                 meter.read(step)
                 save_checkpoint(

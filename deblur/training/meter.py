@@ -9,46 +9,66 @@ from collections import defaultdict
 import torch
 from accelerate import Accelerator
 
+from deblur.errors import Fault
 from deblur.training.feed import Feed
-from deblur.training.gan import GanStep, StepStats
+from deblur.training.gan import D_STATS, G_STATS, GanStep, StepStats
+
+
+class NonFiniteUpdates(Fault):
+    """Too many updates in a row were skipped as non-finite: the run cannot go on (exit 1)."""
 
 
 class Meter:
     """Training statistics and skip counters.
 
-    Steps hand in their statistics as device tensors (:meth:`add`); :meth:`read` moves all of
-    them to the host in one transfer, counts skipped updates and stops the run after
-    ``max_consecutive_skips`` in a row. Reading once per logging interval (and before a
-    checkpoint) instead of once per update keeps the host from waiting for the device.
+    Steps hand in their statistics as device tensors, not yet averaged over ranks (:meth:`add`
+    only keeps them: no work per step). :meth:`read` is collective (every rank calls it at the same
+    step): it sums the interval's statistics on the device, skipped updates left out, averages the
+    sums over the ranks in one all-reduce, and moves them with the skip flags (the same on every
+    rank) to the host in one transfer; then it counts skipped updates and stops the run after
+    ``max_consecutive_skips`` in a row. The loop reads once per logging interval and before a
+    checkpoint, so the host waits for the device only then.
     """
 
-    def __init__(self, max_consecutive_skips: int, skipped_total: int = 0, consecutive_skips: int = 0) -> None:
+    def __init__(
+        self, accelerator: Accelerator, max_consecutive_skips: int, skipped_total: int = 0, consecutive_skips: int = 0
+    ) -> None:
+        self.accelerator = accelerator
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_total = skipped_total
         self.consecutive_skips = consecutive_skips
-        self._device: list[StepStats] = []
-        self._values: dict[str, list[float]] = defaultdict(list)
+        self._steps: list[StepStats] = []
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)  # updates summed, per kind ("d", "g")
 
     def add(self, stats: StepStats) -> None:
-        self._device.append(stats)
+        self._steps.append(stats)
 
     def read(self, step: int) -> None:
-        if not self._device:
+        if not self._steps:
             return
-        results = StepStats.concat(self._device).read()
-        self._device.clear()
-        for result in results:
-            if not result.skipped:
+        d, g = torch.cat([s.d for s in self._steps]), torch.cat([s.g for s in self._steps])
+        steps, self._steps = len(self._steps), []
+        kept = [torch.where(rows[:, :1] != 0, 0.0, rows[:, 1:]).sum(0) for rows in (d, g)]
+        means = self.accelerator.reduce(torch.cat(kept), reduction="mean")  # the interval's one collective
+        flags = torch.cat([d[:, :1], g[:, 0].view(steps, -1)], 1).flatten()  # update order: D, G, G, ...
+        host = torch.cat([means, flags]).cpu().tolist()
+        names, skipped = D_STATS + G_STATS, host[len(D_STATS) + len(G_STATS) :]
+        for name, value in zip(names, host):
+            self._sums[name] += value
+        updates_per_step = len(skipped) // steps
+        for i, flag in enumerate(skipped):
+            kind = "d" if i % updates_per_step == 0 else "g"
+            if not flag:
+                self._counts[kind] += 1
                 self.consecutive_skips = 0
-                for key, value in result.stats.items():
-                    self._values[key].append(value)
                 continue
             self.skipped_total += 1
             self.consecutive_skips += 1
             if self.consecutive_skips >= self.max_consecutive_skips:
-                raise FloatingPointError(
-                    f"by step {step}: {self.consecutive_skips} updates in a row had a non-finite loss "
-                    f"(train.max_consecutive_skips={self.max_consecutive_skips}); last stats {result.stats}. "
+                raise NonFiniteUpdates(
+                    f"by step {step}: {self.consecutive_skips} updates in a row had a non-finite loss or gradients "
+                    f"(train.max_consecutive_skips={self.max_consecutive_skips}). "
                     "Lower the learning rates or use bf16 instead of fp16."
                 )
 
@@ -56,9 +76,16 @@ class Meter:
         return {"skipped_total": self.skipped_total, "consecutive_skips": self.consecutive_skips}
 
     def summary(self) -> dict[str, float]:
-        """Means of what was read since the last summary, plus the skip counters."""
-        scalars = {key: sum(v) / len(v) for key, v in self._values.items() if v}
-        self._values.clear()
+        """Means over the updates (and ranks) read since the last summary, skipped updates left
+        out, plus the skip counters."""
+        scalars = {
+            name: self._sums[name] / self._counts[kind]
+            for kind, names in (("d", D_STATS), ("g", G_STATS))
+            if self._counts[kind]
+            for name in names
+        }
+        self._sums.clear()
+        self._counts.clear()
         return {**scalars, "skips/total": self.skipped_total, "skips/consecutive": self.consecutive_skips}
 
 

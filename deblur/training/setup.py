@@ -123,14 +123,15 @@ def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
     discriminator = Discriminator()
     launch = getattr(accelerator, "launch", None)
     compiled, why = resolve_compile(cfg.train.compile, accelerator.device, launch and launch.dynamo_backend())
+    scope, mode = cfg.train.compile_scope, cfg.train.compile_mode
     for model in (generator, discriminator):
         if cfg.train.channels_last:
             # Before DDP wraps the model: its gradient buckets take the parameters' layout.
             model.to(memory_format=torch.channels_last)
-        if compiled:
-            model.compile()
+        if compiled and scope == "models":
+            model.compile(mode=mode)
     accelerator.print(
-        f"compile: {'on' if compiled else 'off'} ({why}); "
+        f"compile: {f'on, {scope}, mode {mode}' if compiled else 'off'} ({why}); "
         f"memory format: {'channels_last' if cfg.train.channels_last else 'contiguous (NCHW)'}"
     )
     g_optimizer = make_optimizer(generator, cfg.optim.g_lr, cfg.optim)
@@ -139,7 +140,8 @@ def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
     generator, discriminator, g_optimizer, d_optimizer = accelerator.prepare(
         generator, discriminator, g_optimizer, d_optimizer
     )
-    return GanStep(accelerator, generator, discriminator, g_optimizer, d_optimizer, cfg.loss, cfg.optim)
+    update_mode = mode if compiled and scope == "update" else None
+    return GanStep(accelerator, generator, discriminator, g_optimizer, d_optimizer, cfg.loss, cfg.optim, update_mode)
 
 
 def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool):

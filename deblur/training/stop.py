@@ -43,6 +43,7 @@ class StopRequest:
         self._clock = clock
         self._pid = os.getpid()
         self._pending: DeviceToHost | None = None
+        self._flag: torch.Tensor | None = None  # this rank's flag, on the device
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -71,16 +72,23 @@ class StopRequest:
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every rank at the same step once any rank got a signal.
 
-        Called once per step. The all-reduce of this call's flag is read at the next call, so
-        the host never waits for the device here; ranks still agree, since each reads the same
-        reduction, and a stop comes one step later."""
-        previous, flag = self._pending, torch.tensor([float(self.requested)], device=accelerator.device)
-        self._pending = DeviceToHost(accelerator.reduce(flag, reduction="sum"))
-        return previous is not None and previous.get().item() > 0
+        Called once per step: one all-reduce (sum) of a one-element flag, the step's only
+        collective besides DDP's gradient all-reduce. Its result is copied to the host without
+        waiting and read at the next call, so the host never waits for the device here (the
+        copy was started a whole step earlier); ranks still agree, since each reads the same
+        reduction, and a stop comes one step later. The flag is a device tensor made once and
+        refilled, so no call builds a tensor from host data."""
+        if self._flag is None:
+            self._flag = torch.zeros(1, device=accelerator.device)
+        self._flag.fill_(float(self.requested))
+        previous, self._pending = self._pending, DeviceToHost(accelerator.reduce(self._flag, reduction="sum"))
+        return previous is not None and previous.get()[0] > 0
 
 
 class DeviceToHost:
-    """A device tensor's copy to the host, started now and waited for only in :meth:`get`."""
+    """A device tensor's copy to the host, started now and waited for only in :meth:`get`: the
+    trainer's one deliberate host read per step (tests/test_host_transfers.py tells it from any
+    other by these methods)."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.host = tensor.detach().to("cpu", non_blocking=True)
@@ -89,7 +97,8 @@ class DeviceToHost:
             self.ready = torch.cuda.Event()
             self.ready.record()
 
-    def get(self) -> torch.Tensor:
+    def get(self) -> list:
+        """The tensor's values as a (nested) list, once the copy is done."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.host
+        return self.host.tolist()
