@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 from cli_checks import command, error_line, files, in_small_filesystem, run_cli
 
+from deblur.bench.__main__ import USAGE
+
 BENCH = "deblur.bench"
 
 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ([], "error: no benchmark named; usage: python -m deblur.bench {shard,loader,train,checkpoint,launch}"),
+        ([], f"error: no benchmark named; {USAGE}"),
         (["nope"], "error: unknown benchmark 'nope'; usage: python -m deblur.bench"),
         (["checkpoint", "--repeat", "0"], "error: --repeat: must be at least 1, got 0"),
         (["checkpoint", "--dir", "/nonexistent/runs"], "error: --dir /nonexistent/runs: not a folder"),
