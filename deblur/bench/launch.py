@@ -90,7 +90,7 @@ def plain_run(args: argparse.Namespace) -> dict:
     for step in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
-        gan.step(iter([batch] * (1 + cfg.loss.g_updates_per_step))).read()
+        gan.step(iter([batch] * (1 + cfg.loss.g_updates_per_step)))
         sync()
         if step >= args.warmup:
             seconds.append(time.perf_counter() - start)

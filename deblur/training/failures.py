@@ -134,8 +134,6 @@ def labelled() -> Iterator[None]:
     """Prefix a rank's own error with ``rank N:`` when the run has several processes."""
     try:
         yield
-    except FloatingPointError as error:  # the non-finite-loss stop: every rank reads the same verdict
-        raise every_rank(Fault(str(error))) from error
     except Exception as error:
         rank, size = rank_and_size()
         if size == 1 or is_every_rank(error) or peer_lost(error):

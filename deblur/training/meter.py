@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from deblur.errors import Fault
+from deblur.training.failures import every_rank
 from deblur.training.feed import Feed
 from deblur.training.gan import D_STATS, G_STATS, GanStep, StepStats
 
@@ -66,10 +67,12 @@ class Meter:
             self.skipped_total += 1
             self.consecutive_skips += 1
             if self.consecutive_skips >= self.max_consecutive_skips:
-                raise NonFiniteUpdates(
-                    f"by step {step}: {self.consecutive_skips} updates in a row had a non-finite loss or gradients "
-                    f"(train.max_consecutive_skips={self.max_consecutive_skips}). "
-                    "Lower the learning rates or use bf16 instead of fp16."
+                raise every_rank(  # every rank reads the same flags, so every rank stops here
+                    NonFiniteUpdates(
+                        f"by step {step}: {self.consecutive_skips} updates in a row had a non-finite loss or gradients "
+                        f"(train.max_consecutive_skips={self.max_consecutive_skips}). "
+                        "Lower the learning rates or use bf16 instead of fp16."
+                    )
                 )
 
     def counters(self) -> dict[str, int]:
