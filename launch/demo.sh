@@ -49,7 +49,8 @@ wandb_runs=$(ls -1d "$RUN"/wandb/offline-run-* 2>/dev/null | tr '\n' ' ' || true
 cat <<MSG
 
 Demo finished.
-  generator weights : $RUN/generator.safetensors
+  generator weights : $RUN/generator.safetensors   (the EMA of training; the raw G: generator_raw.safetensors)
+  discriminator     : $RUN/discriminator.safetensors   (fine-tune both with train.init_from=$RUN)
   sample grid       : ${grid:-none written (see $RUN/samples)}
   training metrics  : $RUN/metrics.json   (test split, from the trainer)
   evaluation        : $RUN/evaluate.txt   (restored vs blurred vs Wiener vs Richardson-Lucy)
