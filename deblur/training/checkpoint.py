@@ -423,7 +423,8 @@ def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, state: RunSta
         if loader_state["epoch"] > saved["epoch"]
         else "what the ranks had read of it is read again"
     )
-    if loader_state["settings"]["backend"] == "dali":
+    if loader_state["settings"]["backend"] == "dali" and not loader_state["settings"].get("crop"):
+        # (The crop loader's order is a function of seed and epoch, deblur.loading.contract.epoch_order.)
         again += "; the DALI pipeline restarts from its seed, so its shuffle is not an uninterrupted run's"
     report += [
         f"the checkpoint was written by {plural(saved_processes, 'process')}, this run has {processes}; kept "
