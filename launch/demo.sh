@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the built-in demo photographs (no download, CPU only, 2 cores; about
-# 3 minutes on a CPU with bf16 units, about 8 without them, see README.md):
+# 2.5 minutes on a CPU with bf16 units, about 8 without them, see README.md):
 #   bash launch/demo.sh
 # 1. build the demo shards, 2. train briefly with 2 DDP processes on the CPU (gloo),
 # 3. score the generator against the blurred input and classical deconvolution on the held-out
