@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the built-in demo photographs (no download, CPU only, 2 cores; about
-# 3 minutes on a CPU with bf16 units, about 8 without them, see README.md):
+# 2.5 minutes on a CPU with bf16 units, about 8 without them, see README.md):
 #   bash launch/demo.sh
 # 1. build the demo shards, 2. train briefly with 2 DDP processes on the CPU (gloo),
 # 3. score the generator against the blurred input and classical deconvolution on the held-out
@@ -49,7 +49,8 @@ wandb_runs=$(ls -1d "$RUN"/wandb/offline-run-* 2>/dev/null | tr '\n' ' ' || true
 cat <<MSG
 
 Demo finished.
-  generator weights : $RUN/generator.safetensors
+  generator weights : $RUN/generator.safetensors   (the EMA of training; the raw G: generator_raw.safetensors)
+  discriminator     : $RUN/discriminator.safetensors   (fine-tune both with train.init_from=$RUN)
   sample grid       : ${grid:-none written (see $RUN/samples)}
   training metrics  : $RUN/metrics.json   (test split, from the trainer)
   evaluation        : $RUN/evaluate.txt   (restored vs blurred vs Wiener vs Richardson-Lucy)

@@ -50,6 +50,10 @@ def tiny_run(shards: Path, out: Path, *overrides: str) -> list[str]:
         "train.log_every=1",
         f"train.eval_every={STEPS}",
         "train.record_batches=true",
+        # A learning rate that changes every step (and the EMA, on by default), so that resuming
+        # shows whether both continue exactly.
+        "optim.schedule=cosine",
+        "optim.warmup_steps=2",
         "wandb.mode=disabled",
         *overrides,
     ]

@@ -35,17 +35,32 @@ class OneProcess:
         (Path(folder) / "random_states_0.pkl").write_bytes(os.urandom(100))
 
 
+class Position:
+    """A training loader's position, as checkpoints save it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def state_dict(self) -> dict:
+        return {"settings": {}, "epoch": 0, "batch": self.step}
+
+
+class RunState:
+    """The run's state as save_checkpoint takes it (deblur.training.state.TrainState's interface)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.loader = Position(step)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_total": 0, "consecutive_skips": 0}
+
+    def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"ema.safetensors": {"w": torch.full((8,), float(self.step))}}
+
+
 def save(checkpoints: Path, step: int, keep: int = 5) -> Path:
-    loader_state = {"settings": {}, "epoch": 0, "batch": step}
-    return ckpt.save_checkpoint(
-        OneProcess(),
-        checkpoints,
-        step,
-        loader_state,
-        {"skipped_total": 0, "consecutive_skips": 0},
-        "seed: 0\n",
-        keep=keep,
-    )
+    return ckpt.save_checkpoint(OneProcess(), checkpoints, RunState(step), "seed: 0\n", keep=keep)
 
 
 def truncate(path: Path) -> None:
@@ -79,6 +94,11 @@ def test_a_save_is_flushed_before_it_is_published_and_lists_every_file(tmp_path,
     manifest = json.loads((final / ckpt.MANIFEST).read_text())["files"]
     assert sorted(manifest) == sorted(p.name for p in final.iterdir() if p.name != ckpt.MANIFEST)
     assert manifest["trainer.json"]["bytes"] == (final / "trainer.json").stat().st_size
+    # The run state's own files are under the same manifest, and trainer.json is its state_dict.
+    assert torch.equal(load_file(final / "ema.safetensors")["w"], torch.full((8,), 10.0))
+    trainer = json.loads((final / "trainer.json").read_text())
+    assert trainer == {"step": 10, "skipped_total": 0, "consecutive_skips": 0, "world_size": 1}
+    assert json.loads((final / "loader-rank0.json").read_text())["batch"] == 10
     # Every file, the manifest and the folder reach the disk before the rename; the parent after it.
     before_rename = {name for name, published in synced if not published}
     assert set(manifest) | {ckpt.MANIFEST + ".partial", ".tmp-step-0000010"} <= before_rename
@@ -229,7 +249,7 @@ def test_bench_times_durable_and_unsynced_saves(tmp_path):
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["benchmark"] == "checkpoint" and 80 < result["size_mib"] < 100
+    assert result["benchmark"] == "checkpoint" and 100 < result["size_mib"] < 125  # G + D + Adam + EMA
     assert result["median_ms"]["durable"] > 0 and result["median_ms"]["no fsync"] > 0 and result["verify_ms"] > 0
     assert list(tmp_path.iterdir()) == []  # its checkpoints are removed
 

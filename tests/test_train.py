@@ -38,12 +38,13 @@ from runner import (
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from deblur.models import Generator
+from deblur.models import Discriminator, Generator
 from deblur.shard.build import build_shards
 from deblur.shard.format import manifest_split
 from deblur.shard.settings import BuildSettings
 from deblur.training.checkpoint import state_digest, verify_checkpoint
 from deblur.training.config import load_config
+from deblur.training.schedule import lr_factor
 
 
 def start(
@@ -69,14 +70,32 @@ def batches(out: Path, rank: int) -> dict[tuple[int, int], dict]:
     return {(r["step"], r["update"]): r for r in rows}
 
 
-def generator_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "generator.safetensors")
+def generator_weights(out: Path, name: str = "generator.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(out / name)
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
+
+
+FINAL_WEIGHTS = ("generator.safetensors", "generator_raw.safetensors", "discriminator.safetensors")
+
+
+def assert_same_outputs(out: Path, reference: Path) -> None:
+    """The same final weights (EMA, raw G, D) and, at every step both logged, the same learning
+    rates: a resumed run continued the EMA and the schedules exactly."""
+    for name in FINAL_WEIGHTS:
+        assert_same_weights(generator_weights(out, name), generator_weights(reference, name))
+    here, there = learning_rates(out), learning_rates(reference)
+    assert here and all(here[step] == there[step] for step in here), (here, there)
+
+
+def learning_rates(out: Path) -> dict[int, tuple[float, float]]:
+    """step -> (G's, D's learning rate of that step), from log.jsonl (a replayed step: its last row)."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["lr/generator"], r["lr/discriminator"]) for r in rows if "lr/generator" in r}
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +119,23 @@ def test_run_writes_its_outputs(reference, tiny_shards):
 
     with safe_open(reference / "generator.safetensors", framework="pt") as f:
         assert f.metadata()["residual"] == "true" and f.metadata()["image_size"] == "64"
+        # The EMA of G (on by default), its 3 updates per step counted; the raw G beside it.
+        assert f.metadata()["weights"] == "ema" and f.metadata()["ema_updates"] == str(3 * STEPS)
+    with safe_open(reference / "generator_raw.safetensors", framework="pt") as f:
+        assert f.metadata()["weights"] == "raw" and f.metadata()["step"] == str(STEPS)
     generator = Generator(residual=True)
     generator.load_state_dict(generator_weights(reference))  # strict: every key, right shapes
+    generator.load_state_dict(generator_weights(reference, "generator_raw.safetensors"))
+    Discriminator().load_state_dict(generator_weights(reference, "discriminator.safetensors"))
+    assert metrics["weights"] == "ema" and metrics["raw"]["images"] == metrics["images"]
+    assert metrics["raw"]["psnr_restored"] != metrics["psnr_restored"]  # two generators, each scored
+    assert [r["val_raw/images"] for r in val_rows] == [10]
+    # The learning rates of every step: warm-up (2 steps), then cosine decay, G's and D's alike.
+    lrs = learning_rates(reference)
+    base = load_config(reference / "config.yaml").optim
+    for step, (g_lr, d_lr) in lrs.items():
+        factor = lr_factor(step - 1, "cosine", 2, STEPS)
+        assert g_lr == pytest.approx(base.g_lr * factor) and d_lr == pytest.approx(base.d_lr * factor), step
 
     cfg = load_config(reference / "config.yaml")
     assert cfg.train.max_steps == STEPS and cfg.output_dir == reference
@@ -118,11 +152,15 @@ def test_run_writes_its_outputs(reference, tiny_shards):
         "random_states_1.pkl",
         "loader-rank0.json",
         "loader-rank1.json",
+        "ema.safetensors",
         "config.yaml",
         "trainer.json",
     ):
         assert (last / name).is_file(), name
-    assert json.loads((last / "trainer.json").read_text())["step"] == STEPS
+    trainer = json.loads((last / "trainer.json").read_text())
+    assert trainer["step"] == STEPS and trainer["ema"] == {"decay": 0.999, "updates": 3 * STEPS}
+    assert trainer["lr_schedules"]["generator"]["last_epoch"] == STEPS
+    assert_same_weights(load_file(last / "ema.safetensors"), generator_weights(reference))
     assert (reference / "samples" / f"step-{STEPS:07d}.png").is_file()
     log = (reference.parent / f"{reference.name}.log").read_text()
     assert "precision: " in log and "compile: off" in log  # the choices are logged, with reasons
@@ -224,7 +262,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_matches(reference, tiny_shards
 
     log = run(tiny_shards, out, "wandb.mode=offline")
     assert f"resumed from {saved[-1]} at step {stopped_at}" in log
-    assert_same_weights(generator_weights(out), generator_weights(reference))
+    assert_same_outputs(out, reference)
     for rank in (0, 1):
         assert batches(out, rank) == batches(reference, rank)
     # One W&B run across the restart: each attempt's offline folder carries the saved run id,
@@ -265,7 +303,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_matches(reference, tiny_shards, t
     kill_all(proc)
     log = run(tiny_shards, out)
     assert "resumed from" in log
-    assert_same_weights(generator_weights(out), generator_weights(reference))
+    assert_same_outputs(out, reference)
     for rank in (0, 1):
         assert batches(out, rank) == batches(reference, rank)
 
@@ -284,8 +322,8 @@ def test_non_finite_losses_stop_every_rank_with_a_clear_error(tiny_shards, tmp_p
 
 
 def saved_state_digest(checkpoint: Path) -> str:
-    """The digest of the models and optimizers as stored in a checkpoint's files."""
-    models = [load_file(checkpoint / name) for name in ("model.safetensors", "model_1.safetensors")]
+    """The digest of the models, the EMA and the optimizers as stored in a checkpoint's files."""
+    models = [load_file(checkpoint / name) for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors")]
     optimizers = [torch.load(checkpoint / name) for name in ("optimizer.bin", "optimizer_1.bin")]
     return state_digest(models, optimizers)
 
@@ -306,7 +344,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_replays_from_the_previous
     assert f"resumed from {previous} at step {STEPS - CHECKPOINT_EVERY}" in log
     assert (out / "checkpoints" / f"corrupt-step-{STEPS:07d}" / "model.safetensors").stat().st_size == 1000
     assert verify_checkpoint(newest) == []  # saved again by the resumed run
-    assert_same_weights(generator_weights(out), generator_weights(reference))
+    assert_same_outputs(out, reference)
     for rank in (0, 1):
         replayed = batches(out, rank)
         assert replayed == {key: batches(reference, rank)[key] for key in replayed}
@@ -325,7 +363,7 @@ def test_resume_on_one_process_then_on_two(reference, tiny_shards, tmp_path):
     log = run(tiny_shards, out, processes=1)
     assert (
         f"resumed from {out / 'checkpoints' / two.name} at step {start_step}; "
-        f"models and optimizers sha256 {saved_state_digest(two)}" in log
+        f"models, EMA and optimizers sha256 {saved_state_digest(two)}" in log
     )
     assert "written by 2 processes, this run has 1" in log
     per_rank = loader["settings"]["samples"] // 2 // 2  # two ranks, batch 2
@@ -339,14 +377,45 @@ def test_resume_on_one_process_then_on_two(reference, tiny_shards, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["step"] == STEPS
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "g/loss" in r] == list(range(start_step + 1, STEPS + 1))
+    # The schedules continue on one process as on two: the same rate at every step.
+    assert learning_rates(out) == {step: learning_rates(reference)[step] for step in range(start_step + 1, STEPS + 1)}
+    trainer = json.loads((one / "trainer.json").read_text())
+    assert trainer["ema"]["updates"] == 3 * STEPS  # the EMA continued from its count
 
     log = run(tiny_shards, out, f"train.max_steps={STEPS + CHECKPOINT_EVERY}")
-    assert f"resumed from {one} at step {STEPS}; models and optimizers sha256 {saved_state_digest(one)}" in log
+    assert f"resumed from {one} at step {STEPS}; models, EMA and optimizers sha256 {saved_state_digest(one)}" in log
     assert "written by 1 process, this run has 2" in log
     assert "none saved for rank 1, seeded as at a fresh start" in log
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == STEPS + CHECKPOINT_EVERY
     assert metrics["replica_param_sha256"][0] == metrics["replica_param_sha256"][1]
+
+
+def test_init_from_a_run_starts_at_step_0_from_its_weights_and_a_rerun_resumes_instead(
+    reference, tiny_shards, tmp_path
+):
+    # Fine-tuning from the reference run's output_dir at a negligible learning rate (Adam moves a
+    # weight by about lr per update): the new run's G and D are the reference's final ones.
+    out = tmp_path / "finetune"
+    still = ("optim.g_lr=1e-12", "optim.d_lr=1e-12", "train.checkpoint_every=1", "train.eval_every=100")
+    log = run_one_process(tiny_shards, out, f"train.init_from={reference}", "train.max_steps=1", *still)
+    assert (
+        f"initialized from {reference / 'generator.safetensors'} (generator and its EMA) and "
+        f"{reference / 'discriminator.safetensors'} (discriminator): weights only, new optimizers, step 0" in log
+    )
+    assert "resumed from" not in log
+    trainer = json.loads((out / "checkpoints" / "step-0000001" / "trainer.json").read_text())
+    assert trainer["step"] == 1 and trainer["ema"]["updates"] == 3  # step 0, EMA and schedules anew
+    for name in ("generator.safetensors", "generator_raw.safetensors"):  # G and its EMA started at the EMA
+        assert_same_weights(generator_weights(out, name), generator_weights(reference))
+    d_weights = {k for k in Discriminator().state_dict() if k.endswith(("weight", "bias"))}  # not BN statistics
+    d_out, d_reference = (generator_weights(run, "discriminator.safetensors") for run in (out, reference))
+    assert_same_weights({k: d_out[k] for k in d_weights}, {k: d_reference[k] for k in d_weights})
+
+    log = run_one_process(tiny_shards, out, f"train.init_from={reference}", "train.max_steps=2", *still)
+    assert f"resumed from {out / 'checkpoints' / 'step-0000001'} at step 1" in log
+    assert f"train.init_from ({reference}) not used: resuming this run's own checkpoint" in log
+    assert "initialized from" not in log
 
 
 def test_with_no_checkpoint_that_verifies_every_rank_stops_with_one_clear_error(reference, tiny_shards, tmp_path):
@@ -378,8 +447,10 @@ def run_one_process(shards: Path, out: Path, *overrides: str) -> str:
 def test_checkpoints_resume_across_the_compile_switch(tiny_shards, tmp_path):
     # Eager for 2 steps, compiled from 2 to 3, eager again from 3 to 4: every resume loads the
     # other mode's checkpoint with strict keys, and the result matches a plain eager run up to
-    # compiled-kernel rounding (fp32, so that rounding is small).
+    # compiled-kernel rounding (fp32, so that rounding is small). A constant learning rate: each
+    # resume here raises train.max_steps, which would stretch a decaying schedule.
     steps = ("train.checkpoint_every=1", "train.keep_checkpoints=5", "train.mixed_precision=no", "train.eval_every=100")
+    steps += ("optim.schedule=constant", "optim.warmup_steps=0")
     reference = tmp_path / "eager"
     log = run_one_process(tiny_shards, reference, "train.max_steps=4", "train.compile=false", *steps)
     # accelerate launch sets OMP_NUM_THREADS=1 for its one process; the trainer uses the cores.

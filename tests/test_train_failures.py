@@ -165,14 +165,15 @@ def test_resuming_with_another_batch_size_names_the_key_once_under_torchrun(tiny
 
 
 def test_disk_full_while_saving_says_so_removes_its_partial_save_and_keeps_the_others(tiny_shards, tmp_path):
-    # A real full disk: a 200 MB tmpfs holds two 88.6 MiB checkpoints, not a third. The
-    # namespace (and its tmpfs) ends with the script, so the checks run inside it.
+    # A real full disk: a 280 MiB tmpfs holds two ~112 MiB checkpoints (models, Adam states, the
+    # EMA of G), not a third. The namespace (and its tmpfs) ends with the script, so the checks
+    # run inside it.
     disk = tmp_path / "disk"
     disk.mkdir()
     out = disk / "run"
     cmd = " ".join(f"'{arg}'" for arg in accelerate(tiny_shards, out, "train.record_batches=false"))
     script = (
-        f"mount -t tmpfs -o size=200m tmpfs {disk} && {{ {cmd} > {tmp_path}/run.log 2>&1; echo status=$?; "
+        f"mount -t tmpfs -o size=280m tmpfs {disk} && {{ {cmd} > {tmp_path}/run.log 2>&1; echo status=$?; "
         f"'{sys.executable}' -m deblur.checkpoint {out}; ls -a {out}/checkpoints; }}"
     )
     proc = in_user_namespace(script)

@@ -10,18 +10,22 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
+from PIL import Image
+from safetensors import safe_open
 
 from deblur.metrics import mean_scores, psnr, score_sums, ssim
 from deblur.models import Discriminator, Generator
 from deblur.norm import denormalize
 from deblur.training.config import LossConfig, OptimConfig, build_config
+from deblur.training.ema import Ema
 from deblur.training.feed import Feed, endless
 from deblur.training.gan import GanStep, make_optimizer
 from deblur.training.meter import Throughput
 from deblur.training.outputs import write_final_outputs
+from deblur.training.samples import PADDING
 from deblur.training.tracking import Log
 from deblur.training.validation import summarize, validate, validate_and_sample
-from deblur.weights import load_generator
+from deblur.weights import load_discriminator_state, load_generator
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +33,28 @@ def accelerator() -> Accelerator:
     return Accelerator(cpu=True, mixed_precision="no")
 
 
-@pytest.fixture(scope="module")
-def gan(accelerator) -> GanStep:
+def make_gan(accelerator: Accelerator) -> GanStep:
     torch.manual_seed(0)
     g, d = Generator(), Discriminator()
     optim = OptimConfig()
     g_opt, d_opt = make_optimizer(g, 1e-3, optim), make_optimizer(d, 1e-3, optim)
     g, d, g_opt, d_opt = accelerator.prepare(g, d, g_opt, d_opt)
     return GanStep(accelerator, g, d, g_opt, d_opt, LossConfig(), optim)
+
+
+@pytest.fixture(scope="module")
+def gan(accelerator) -> GanStep:
+    return make_gan(accelerator)
+
+
+@pytest.fixture(scope="module")
+def gan_ema(accelerator) -> GanStep:
+    """A GanStep with an EMA of G whose weights differ from G's (as after training)."""
+    gan = make_gan(accelerator)
+    gan.ema = Ema(gan.generator, decay=0.999)
+    with torch.no_grad():
+        torch.nn.init.normal_(gan.generator.dec6.weight, std=0.01)  # G's output moves away from the EMA's identity
+    return gan
 
 
 def pairs(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -115,7 +133,7 @@ def test_feed_times_and_records_every_batch(tmp_path):
 def test_validation_averages_per_image_over_uneven_batches(accelerator, gan):
     """Batches of 3, 1 and 2 images: the mean is over the 6 images, not over batch means."""
     loader = pairs([3, 1, 2])
-    metrics, first = validate(accelerator, gan, loader)
+    [metrics], first = validate(accelerator, [gan.generator], loader)
     blurred = denormalize(torch.cat([b for b, _ in loader])).clamp(0, 1)
     sharp = denormalize(torch.cat([s for _, s in loader])).clamp(0, 1)
     assert metrics["images"] == 6 and first[0].shape[0] == 3
@@ -124,8 +142,21 @@ def test_validation_averages_per_image_over_uneven_batches(accelerator, gan):
     assert gan.generator.training  # validation puts the generator back in training mode
 
 
+def test_validation_scores_each_generator_in_one_pass(accelerator, gan_ema):
+    generator = gan_ema.generator
+    scores, _ = validate(accelerator, [gan_ema.ema.module, generator], pairs([3, 1]))
+    restored = torch.cat([generator(b) for b, _ in pairs([3, 1])]).detach()
+    sharp = torch.cat([s for _, s in pairs([3, 1])])
+    psnr_g = psnr(denormalize(restored).clamp(0, 1), denormalize(sharp).clamp(0, 1)).mean().item()
+    assert scores[1]["psnr_restored"] == pytest.approx(psnr_g, rel=1e-6)
+    # The EMA here is still G's residual initialization, the identity: it scores as the input does.
+    assert scores[0]["psnr_restored"] == pytest.approx(scores[0]["psnr_blurred"], rel=1e-6)
+    assert scores[0]["psnr_blurred"] == scores[1]["psnr_blurred"] and scores[0]["images"] == 4
+    assert not gan_ema.ema.module.training and generator.training  # each left in its own mode
+
+
 def test_an_empty_split_scores_nan_and_no_images(accelerator, gan):
-    metrics, first = validate(accelerator, gan, [])
+    [metrics], first = validate(accelerator, [gan.generator], [])
     assert first is None and metrics["images"] == 0
     scores = ("psnr_restored", "ssim_restored", "psnr_blurred", "ssim_blurred")
     assert set(metrics) == {"images", *scores} and all(math.isnan(metrics[k]) for k in scores)
@@ -147,17 +178,32 @@ def test_validate_and_sample_logs_scores_and_writes_the_grid(accelerator, gan, t
     assert (tmp_path / "samples" / "step-0000007.png").is_file()
     logged = json.loads((cfg.output_dir / "log.jsonl").read_text())
     assert logged["step"] == 7 and logged["val/images"] == 6 and "val/psnr_restored" in logged
+    assert not any(key.startswith("val_raw/") for key in logged)  # no EMA: one generator
+
+
+def test_with_an_ema_both_generators_are_logged_and_drawn(accelerator, gan, gan_ema, tmp_path):
+    cfg = config(tmp_path)
+    cfg.output_dir.mkdir(parents=True)
+    for name, model in (("plain", gan), ("ema", gan_ema)):
+        validate_and_sample(accelerator, model, pairs([4, 2]), Log(cfg, accelerator), 7, tmp_path / name, 3)
+    *_, logged = map(json.loads, (cfg.output_dir / "log.jsonl").read_text().splitlines())
+    assert logged["val/psnr_restored"] == pytest.approx(logged["val/psnr_blurred"], rel=1e-6)  # the EMA
+    assert logged["val_raw/psnr_restored"] != logged["val/psnr_restored"] and logged["val_raw/images"] == 6
+    # One more row of images: blurred | restored (EMA) | restored (raw G) | sharp.
+    heights = [Image.open(tmp_path / name / "step-0000007.png").height for name in ("plain", "ema")]
+    assert heights[1] - heights[0] == (heights[0] - PADDING) // 3
 
 
 def test_final_outputs_are_loadable_weights_and_json_metrics(accelerator, gan, tmp_path):
     cfg = config(tmp_path)
     cfg.output_dir.mkdir(parents=True)
     metrics = summarize(torch.zeros(5))  # an empty test split: NaN scores are written as null
-    write_final_outputs(cfg, accelerator, gan, 12, metrics, ["abc"])
+    write_final_outputs(cfg, accelerator, gan, 12, [metrics], ["abc"])
     written = json.loads((cfg.output_dir / "metrics.json").read_text())
     assert written == {
         "split": "test",
         "step": 12,
+        "weights": "raw",
         "psnr_restored": None,
         "ssim_restored": None,
         "psnr_blurred": None,
@@ -168,3 +214,27 @@ def test_final_outputs_are_loadable_weights_and_json_metrics(accelerator, gan, t
     generator = load_generator(cfg.output_dir / "generator.safetensors", torch.device("cpu"))
     unwrapped = accelerator.unwrap_model(gan.generator)
     assert all(torch.equal(a, b) for a, b in zip(generator.state_dict().values(), unwrapped.state_dict().values()))
+    with safe_open(cfg.output_dir / "generator.safetensors", framework="pt") as f:
+        assert f.metadata()["weights"] == "raw" and f.metadata()["step"] == "12"
+    assert not (cfg.output_dir / "generator_raw.safetensors").exists()  # no EMA: nothing to put beside it
+    discriminator = load_discriminator_state(cfg.output_dir / "discriminator.safetensors")
+    assert all(torch.equal(discriminator[k], v) for k, v in gan.discriminator.state_dict().items())
+
+
+def test_with_an_ema_generator_safetensors_holds_it_and_the_raw_g_is_beside_it(accelerator, gan_ema, tmp_path):
+    cfg = config(tmp_path)
+    cfg.output_dir.mkdir(parents=True)
+    ema_scores, raw_scores = {**summarize(torch.zeros(5)), "images": 3}, {**summarize(torch.zeros(5)), "images": 4}
+    write_final_outputs(cfg, accelerator, gan_ema, 12, [ema_scores, raw_scores], ["abc"])
+    written = json.loads((cfg.output_dir / "metrics.json").read_text())
+    assert written["weights"] == "ema" and written["images"] == 3 and written["raw"]["images"] == 4
+    for name, weights, model in (
+        ("generator.safetensors", "ema", gan_ema.ema.module),
+        ("generator_raw.safetensors", "raw", gan_ema.generator),
+    ):
+        loaded = load_generator(cfg.output_dir / name)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values())), name
+        with safe_open(cfg.output_dir / name, framework="pt") as f:
+            assert f.metadata()["weights"] == weights, name
+    with safe_open(cfg.output_dir / "generator.safetensors", framework="pt") as f:
+        assert f.metadata()["ema_decay"] == "0.999" and f.metadata()["ema_updates"] == "0"

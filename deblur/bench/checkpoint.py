@@ -1,13 +1,13 @@
 """What a durable checkpoint costs: ``python -m deblur.bench checkpoint [--repeat 5] [--dir DIR]``.
 
-Saves the full-size models (generator, discriminator and both Adam states, as the trainer does,
-one process) with deblur.training.checkpoint.save_checkpoint, alternating two ways: as shipped (every
-file, the manifest, the folder and its parent fsynced) and with ``os.fsync`` made a no-op, so
-the difference is the price of durability. Both write the sha256 manifest; verifying one
-checkpoint (what resuming does before loading it) is timed on its own. ``os.sync()`` runs,
-untimed, before every save so that neither way pays for the other's dirty pages. ``--dir``
-should be on the filesystem the runs write to (default: a temporary folder under the current
-one). Prints a table, then one JSON line.
+Saves the full-size models (generator, discriminator, both Adam states and the generator's
+EMA, as the trainer does, one process) with deblur.training.checkpoint.save_checkpoint,
+alternating two ways: as shipped (every file, the manifest, the folder and its parent
+fsynced) and with ``os.fsync`` made a no-op, so the difference is the price of durability.
+Both write the sha256 manifest; verifying one checkpoint (what resuming does before loading
+it) is timed on its own. ``os.sync()`` runs, untimed, before every save so that neither way
+pays for the other's dirty pages. ``--dir`` should be on the filesystem the runs write to
+(default: a temporary folder under the current one). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -46,8 +47,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def prepared_models(accelerator: Accelerator) -> None:
-    """The trainer's models and optimizers, prepared, after one update so Adam's moments exist."""
+class BenchState:
+    """The run state a checkpoint holds besides Accelerate's objects (TrainState's interface):
+    a step, the EMA of G (as large as G), an empty loader position and trainer.json."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.step = 0
+        self.loader = SimpleNamespace(state_dict=dict)  # a position of {} (no loader here)
+        self.ema = {k: v.detach().clone() for k, v in generator.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"ema.safetensors": self.ema}
+
+
+def prepared_models(accelerator: Accelerator) -> BenchState:
+    """The trainer's models and optimizers, prepared, after one update so Adam's moments exist;
+    the rest of the run's state."""
     models = [Generator(residual=True), Discriminator()]
     optimizers = [torch.optim.Adam(m.parameters()) for m in models]
     images = torch.randn(2, 3, 64, 64)
@@ -55,6 +73,7 @@ def prepared_models(accelerator: Accelerator) -> None:
         model(images).float().mean().backward()
         optimizer.step()
     accelerator.prepare(*models, *optimizers)
+    return BenchState(models[0])
 
 
 def main(argv: list[str]) -> None:
@@ -64,18 +83,19 @@ def main(argv: list[str]) -> None:
     except OSError as error:
         raise InputError(f"--dir {args.dir}: cannot write there ({error.strerror or error})") from None
     accelerator = Accelerator()
-    prepared_models(accelerator)
+    state = prepared_models(accelerator)
     seconds: dict[str, list[float]] = {"durable": [], "no fsync": []}
     verify_s = []
     with workdir as tmp:
         checkpoints = Path(tmp) / "checkpoints"
         for step in range(args.repeat):
+            state.step = step
             for way in seconds:
                 os.sync()
                 start = time.perf_counter()
                 with mock.patch("os.fsync") if way == "no fsync" else contextlib.nullcontext():
                     final = save_checkpoint(
-                        accelerator, checkpoints / way.replace(" ", "-"), step, {}, {}, "bench: true\n", keep=1
+                        accelerator, checkpoints / way.replace(" ", "-"), state, "bench: true\n", keep=1
                     )
                 seconds[way].append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -86,7 +106,8 @@ def main(argv: list[str]) -> None:
         size_mb = sum(p.stat().st_size for p in final.iterdir()) / 2**20
     medians = {way: statistics.median(s) for way, s in seconds.items()}
     print(
-        f"checkpoint of {size_mb:.1f} MiB (G + D + Adam states) in {args.dir.resolve()}, median of {args.repeat} saves:"
+        f"checkpoint of {size_mb:.1f} MiB (G + D + Adam states + EMA) in {args.dir.resolve()}, "
+        f"median of {args.repeat} saves:"
     )
     for way, median in medians.items():
         print(

@@ -7,9 +7,15 @@ Layout of one complete checkpoint, ``checkpoints/step-0001000/``:
     scaler.pt                                fp16 loss scaler (fp16 runs only)
     random_states_<rank>.pkl                 Python/NumPy/torch RNG states, one per rank
     loader-rank<rank>.json                   each rank's training loader position
+    ema.safetensors                          the EMA of the generator (train.ema_decay > 0)
     config.yaml                              the resolved config of the run
-    trainer.json                             step and skip counters, number of processes
+    trainer.json                             the run's state (deblur/training/state.py: step, skip
+                                             counters, EMA update count, learning-rate schedules),
+                                             number of processes
     manifest.json                            size and sha256 of every file above; written last
+
+What is not Accelerate's comes from one object, the run's :class:`~deblur.training.state.TrainState`
+(trainer.json, its safetensors files, its loader's per-rank position), and is restored into it.
 
 A save goes to ``checkpoints/.tmp-step-0001000`` first; when every rank has written its part,
 the main process hashes and fsyncs each file, writes the manifest, fsyncs the folder, renames it
@@ -26,7 +32,7 @@ Resuming verifies the newest ``step-*`` against its manifest before any state is
 that does not verify (a file missing, cut short or changed) is reported by file name and set
 aside as ``corrupt-step-*`` (renamed, never deleted; rotation and resuming ignore it), and the
 next older one is tried. A checkpoint written by another number of processes resumes models,
-optimizers, scaler and counters exactly; each rank restarts the data at the beginning of the
+optimizers, scaler, EMA, schedules and counters exactly; each rank restarts the data at the beginning of the
 epoch the run was in (see :func:`relayout_loader_state`). One whose training data settings
 differ (batch size, loader, flip, seed, the train split) is refused, naming the config keys
 (:func:`check_resumable`).
@@ -47,11 +53,12 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from safetensors.torch import save_file
 
 from deblur.errors import DeblurError, Fault, InputError, free_space
 from deblur.files import sha256_file, write_atomic
@@ -205,21 +212,26 @@ def state_digest(models: list[dict[str, torch.Tensor]], optimizers: list[dict]) 
     return digest.hexdigest()
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    checkpoints: Path,
-    step: int,
-    loader_state: dict[str, Any],
-    trainer_state: dict[str, Any],
-    config_yaml: str,
-    keep: int,
-) -> Path:
-    """Collective: every rank must call it at the same step. Returns the final folder.
+class RunState(Protocol):
+    """What checkpoints save of the run besides Accelerate's objects (TrainState is the one)."""
+
+    step: int
+    loader: Any  # the training loader: state_dict() / load_state_dict() of this rank's position
+
+    def state_dict(self) -> dict[str, Any]: ...  # JSON, the same on every rank: trainer.json
+    def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]: ...  # the same on every rank
+    def load_state_dict(self, state: dict[str, Any], folder: Path) -> list[str]: ...  # notes
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints: Path, state: RunState, config_yaml: str, keep: int) -> Path:
+    """Collective: every rank must call it at the same step; saves Accelerate's objects and
+    ``state`` at ``state.step``. Returns the final folder.
 
     A failure on any rank (disk full, any write error) is agreed by all ranks after each stage,
     so no rank is left waiting: the partial ``.tmp-step-*`` is removed, every checkpoint saved
     before is left as it was, and every rank raises the same Fault saying what failed, on which
     rank, and how much space is left."""
+    step = state.step
     final = checkpoints / step_dir_name(step)
     tmp = checkpoints / f".tmp-{final.name}"
     needed = max((mib(path) * 2**20 for _, path in complete_checkpoints(checkpoints)[-1:]), default=64 * 2**20)
@@ -230,12 +242,14 @@ def save_checkpoint(
 
     def write_part() -> None:
         accelerator.save_state(str(tmp))
-        (tmp / loader_state_name(accelerator.process_index)).write_text(json.dumps(loader_state))
+        (tmp / loader_state_name(accelerator.process_index)).write_text(json.dumps(state.loader.state_dict()))
 
     def publish() -> None:
         (tmp / "config.yaml").write_text(config_yaml)
-        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        for name, tensors in state.tensor_files().items():
+            save_file(tensors, str(tmp / name))
+        trainer = {**state.state_dict(), "world_size": accelerator.num_processes}
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer, indent=1))
         write_manifest(tmp)
         if final.exists():
             raise FileExistsError(f"{final} already exists; a step is never saved twice")
@@ -369,50 +383,53 @@ def epoch_batches(settings: dict[str, Any]) -> int:
 
 @dataclass
 class Resume:
-    """What a checkpoint restores besides the state already loaded into Accelerate's objects."""
+    """The checkpoint a run resumed from, and what was kept and what was not."""
 
     path: Path
-    trainer_state: dict[str, Any]
-    loader_state: dict[str, Any]
-    report: list[str] = field(default_factory=list)  # what was kept and what was not (main process prints)
+    report: list[str] = field(default_factory=list)  # the main process prints it
 
 
-def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, fresh_loader_state: dict[str, Any]) -> Resume | None:
-    """Collective: pick the newest checkpoint that verifies and load models, optimizers, scaler
-    and RNG states into the prepared objects; None for a fresh run.
-
-    ``fresh_loader_state``: ``state_dict()`` of this rank's training loader before it was used."""
+def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, state: RunState) -> Resume | None:
+    """Collective: pick the newest checkpoint that verifies, load models, optimizers, scaler and
+    RNG states into the prepared objects and everything else into ``state`` (its loader not yet
+    used); None for a fresh run (``state`` untouched)."""
     path = agree_on_checkpoint(accelerator, checkpoints)
     if path is None:
         return None
+    fresh_loader_state = state.loader.state_dict()
     check_resumable(
         json.loads((path / loader_state_name(0)).read_text())["settings"], fresh_loader_state["settings"], path
     )
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     accelerator.load_state(str(path))  # optimizer states are whole on every rank: any count loads them
-    # The digest of exactly what save_state wrote (Accelerate's prepared models and optimizers, in
-    # its file order), for comparing a resumed state with the checkpoint's files.
-    digest = state_digest(
-        [accelerator.get_state_dict(m) for m in accelerator._models], [o.state_dict() for o in accelerator._optimizers]
-    )
+    notes = state.load_state_dict(trainer_state, path)
+    # The digest of exactly what was written (Accelerate's prepared models in its file order,
+    # then the state's tensor files, and the optimizers), for comparing a resumed state with
+    # the checkpoint's files.
+    models = [accelerator.get_state_dict(m) for m in accelerator._models] + list(state.tensor_files().values())
+    digest = state_digest(models, [o.state_dict() for o in accelerator._optimizers])
     step, saved_processes, processes = trainer_state["step"], trainer_state["world_size"], accelerator.num_processes
-    report = [f"resumed from {path} at step {step}; models and optimizers sha256 {digest}"]
+    what = "models, EMA and optimizers" if len(models) > len(accelerator._models) else "models and optimizers"
+    report = [f"resumed from {path} at step {step}; {what} sha256 {digest}", *notes]
     rank = accelerator.process_index
     if saved_processes == processes:
-        loader_state = json.loads((path / loader_state_name(rank)).read_text())
-        return Resume(path, trainer_state, loader_state, report)
+        state.loader.load_state_dict(json.loads((path / loader_state_name(rank)).read_text()))
+        return Resume(path, report)
     saved = json.loads((path / loader_state_name(0)).read_text())
     loader_state = relayout_loader_state(saved, fresh_loader_state)
+    state.loader.load_state_dict(loader_state)
     again = (
         "that epoch had been read to its end"
         if loader_state["epoch"] > saved["epoch"]
         else "what the ranks had read of it is read again"
     )
-    if loader_state["settings"]["backend"] == "dali":
+    if loader_state["settings"]["backend"] == "dali" and not loader_state["settings"].get("crop"):
+        # (The crop loader's order is a function of seed and epoch, deblur.loading.contract.epoch_order.)
         again += "; the DALI pipeline restarts from its seed, so its shuffle is not an uninterrupted run's"
     report += [
         f"the checkpoint was written by {plural(saved_processes, 'process')}, this run has {processes}; kept "
-        "exactly: generator, discriminator, both optimizers, the loss scaler (fp16 runs), step and skip counters",
+        "exactly: generator, discriminator, both optimizers, the EMA, the learning-rate schedules, the loss "
+        "scaler (fp16 runs), step and skip counters",
         f"data position not kept: the ranks were at batch {saved['batch']} of {epoch_batches(saved['settings'])} "
         f"in epoch {saved['epoch']}; every rank now starts epoch {loader_state['epoch']} at batch 0 of its new part "
         f"({again})",
@@ -423,7 +440,7 @@ def resume_checkpoint(accelerator: Accelerator, checkpoints: Path, fresh_loader_
             else f"none saved for {ranks(saved_processes, processes - 1)}, seeded as at a fresh start"
         ),
     ]
-    return Resume(path, trainer_state, loader_state, report)
+    return Resume(path, report)
 
 
 def ranks(first: int, last: int) -> str:

@@ -25,6 +25,7 @@ LoosePath = Annotated[Path, Field(strict=False)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class ConfigError(InputError, ValueError):
@@ -68,6 +69,11 @@ class OptimConfig(_Section):
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
     grad_clip: PositiveFloat | None = None  # max global grad norm per update; None = off
+    # The learning rates of G and D over the run (deblur/training/schedule.py), stepped once per
+    # training step: constant, cosine (to 0 at train.max_steps) or linear (to 0), each after
+    # warmup_steps steps that rise linearly to the configured rate.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: NonNegativeInt = 0
 
 
 class LossConfig(_Section):
@@ -103,6 +109,16 @@ class TrainConfig(_Section):
     eval_every: PositiveInt = 500  # validation PSNR/SSIM over the whole val split + sample grid
     sample_images: PositiveInt = 8  # images in the sample grid
     max_consecutive_skips: PositiveInt = 20  # stop after this many non-finite updates in a row
+    # Exponential moving average of G's weights (deblur/training/ema.py), updated after every G
+    # update, with a warm-up: the decay of update n is min(ema_decay, (1 + n) / (10 + n)), so a
+    # short run averages its last ~10 % of updates instead of staying near the initial weights.
+    # Validation, test scores, the sample grid and generator.safetensors use it. 0 = off.
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    # Start a fresh run from weights (deblur/training/init.py): a generator .safetensors file
+    # (with discriminator.safetensors beside it, when there is one) or a finished run's
+    # output_dir. Weights only: new optimizers, step 0. Resuming from this run's own
+    # checkpoints wins: once it has one, init_from is not read again.
+    init_from: LoosePath | None = None
     # Compute threads of each process (torch.set_num_threads). None = the OMP_NUM_THREADS the
     # user set, else the process's share of the usable cores (the cores it may run on divided by
     # the processes of the run sharing them), whatever a launcher set; logged at start.

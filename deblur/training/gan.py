@@ -68,6 +68,7 @@ from torch import nn
 from deblur import metrics, norm
 from deblur.norm import denormalize
 from deblur.training.config import LossConfig, OptimConfig
+from deblur.training.ema import Ema
 
 
 def restoration_losses(restored: torch.Tensor, sharp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +129,8 @@ class GanStep:
     ``compile_mode``: None (eager updates; the models may be compiled on their own) or a
     torch.compile mode ("default", "max-autotune-no-cudagraphs", "reduce-overhead") for each
     update's forward passes and losses. ``g_update_hooks`` run after every G update (UpdateHook).
+    ``ema``: the EMA of G (deblur.training.ema) that :func:`deblur.training.setup.build_models`
+    attaches with its update among the hooks; None when ``train.ema_decay`` is 0.
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class GanStep:
         self.loss = loss
         self.optim = optim
         self.g_update_hooks: list[UpdateHook] = []
+        self.ema: Ema | None = None
         # The constants the losses use, made now so that no update builds them (and nothing
         # compiled traces their creation).
         norm.constants(accelerator.device)

@@ -1,10 +1,13 @@
 """The training loop: ``accelerate launch launch/train.py --config configs/ddp.yaml [key=value ...]``.
 
-Read :func:`train` top to bottom: set up Accelerate, models, optimizers and the per-rank
-loaders; resume from the newest checkpoint in ``output_dir`` that verifies; then repeat GAN
-steps (:meth:`deblur.training.gan.GanStep.step`), logging, validating, checkpointing, until
-``train.max_steps`` or a stop signal; finally write ``generator.safetensors`` and
-``metrics.json`` (test split). Each of those is a named piece in its own module of
+Read :func:`train` top to bottom: set up Accelerate, models, optimizers, the EMA of G and the
+per-rank loaders; gather the run's state in one :class:`deblur.training.state.TrainState`
+(step, skip counters, EMA, learning-rate schedules, loader position); resume it from the newest
+checkpoint in ``output_dir`` that verifies, or else start from ``train.init_from``'s weights;
+then repeat GAN steps (:meth:`deblur.training.gan.GanStep.step`), advancing the state, logging,
+validating, checkpointing, until ``train.max_steps`` or a stop signal; finally write
+``generator.safetensors`` (the EMA), ``generator_raw.safetensors``, ``discriminator.safetensors``
+and ``metrics.json`` (test split). Each of those is a named piece in its own module of
 ``deblur/training/``.
 
 Determinism: every rank seeds the same way before building the models, so all replicas start
@@ -27,10 +30,12 @@ from deblur.training.checkpoint import remove_partial_saves, resume_checkpoint, 
 from deblur.training.config import Config, dump_config
 from deblur.training.failures import together
 from deblur.training.feed import Feed
+from deblur.training.init import init_from
 from deblur.training.lock import claim
 from deblur.training.meter import Meter, Throughput, interval_scalars
 from deblur.training.outputs import final_outputs
 from deblur.training.setup import build_accelerator, build_loader, build_models
+from deblur.training.state import TrainState
 from deblur.training.stop import StopRequest
 from deblur.training.tracking import Log, init_tracking
 from deblur.training.validation import validate_and_sample
@@ -62,31 +67,36 @@ def train(cfg: Config) -> str:
         if train_loader is None:
             raise InputError(f"{cfg.data.shards}: the train split is empty")
         val_loader = build_loader(cfg, accelerator, "val", train=False)
-    step, counters = resume(accelerator, checkpoints, train_loader, config_yaml)
+    # One owner of everything a resume restores besides Accelerate's objects (state.py).
+    state = TrainState(cfg, gan, train_loader, Meter(accelerator, cfg.train.max_consecutive_skips))
+    resume_or_init(cfg, accelerator, checkpoints, state, config_yaml)
 
     init_tracking(cfg, accelerator)
     log = Log(cfg, accelerator)
-    meter = Meter(accelerator, cfg.train.max_consecutive_skips, **counters)
+    meter = state.meter
     updates_per_step = 1 + cfg.loss.g_updates_per_step
     record = cfg.output_dir / f"batches-rank{accelerator.process_index}.jsonl" if cfg.train.record_batches else None
     feed = Feed(train_loader, updates_per_step, record)
     throughput = Throughput(updates_per_step * cfg.data.batch_size)
-    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    progress = tqdm(
+        total=cfg.train.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
+    )
     stopped = False
-    while step < cfg.train.max_steps:
+    while state.step < cfg.train.max_steps:
         # The steady-state step: nothing here waits for the device or builds a tensor from host
         # data; the stop flag's one host read was copied a step earlier (tests/test_host_transfers.py).
-        feed.step = step
+        feed.step = state.step
         meter.add(gan.step(feed))
         stopped = stop.agreed(accelerator)
-        step += 1
+        state.advance()  # the step count and the learning-rate schedules: host arithmetic
+        step = state.step
         throughput.step()
         progress.update(1)
         last = step == cfg.train.max_steps
 
         if step % cfg.train.log_every == 0 or last:
             meter.read(step)
-            scalars = interval_scalars(gan, meter, feed, accelerator, *throughput.interval())
+            scalars = interval_scalars(meter, state.lrs, feed, accelerator, *throughput.interval())
             log.scalars(scalars, step)
             progress.set_postfix(
                 g=f"{scalars.get('g/loss', float('nan')):.3f}",
@@ -103,15 +113,7 @@ def train(cfg: Config) -> str:
                 )
             if stopped or step % cfg.train.checkpoint_every == 0 or last:
                 meter.read(step)
-                save_checkpoint(
-                    accelerator,
-                    checkpoints,
-                    step,
-                    train_loader.state_dict(),
-                    meter.counters(),
-                    config_yaml,
-                    keep=cfg.train.keep_checkpoints,
-                )
+                save_checkpoint(accelerator, checkpoints, state, config_yaml, keep=cfg.train.keep_checkpoints)
         if stopped:
             accelerator.print(
                 f"stop signal: saved {checkpoints / step_dir_name(step)}; rerun the same command to resume"
@@ -120,7 +122,7 @@ def train(cfg: Config) -> str:
     progress.close()
 
     if not stopped:  # the last step was checkpointed in the loop (or resumed from)
-        final_outputs(cfg, accelerator, gan, log, step)
+        final_outputs(cfg, accelerator, gan, log, state.step)
     log.finish()
     if lock is not None:
         lock.release()
@@ -135,17 +137,24 @@ def prepare_output_dir(accelerator: Accelerator, checkpoints: Path, config_yaml:
         (checkpoints.parent / "config.yaml").write_text(config_yaml)
 
 
-def resume(accelerator: Accelerator, checkpoints: Path, train_loader, config_yaml: str) -> tuple[int, dict[str, int]]:
-    """(step, skip counters) of the newest checkpoint that verifies, its loader position restored;
-    (0, {}) for a fresh run. Works on any number of processes (deblur/training/checkpoint.py
-    says what carries over)."""
-    resumed = resume_checkpoint(accelerator, checkpoints, train_loader.state_dict())
+def resume_or_init(
+    cfg: Config, accelerator: Accelerator, checkpoints: Path, state: TrainState, config_yaml: str
+) -> None:
+    """Restore ``state`` (and Accelerate's objects) from the newest checkpoint in ``output_dir``
+    that verifies, on any number of processes (deblur/training/checkpoint.py says what carries
+    over); without one, start from ``train.init_from``'s weights when it is set. A rerun of the
+    same command therefore resumes its own checkpoints and never reads init_from again."""
+    resumed = resume_checkpoint(accelerator, checkpoints, state)
     if resumed is None:
-        return 0, {}
-    train_loader.load_state_dict(resumed.loader_state)
+        if cfg.train.init_from is not None:
+            with together(accelerator):  # every rank reads the files; a bad one stops all of them
+                notes = init_from(cfg.train.init_from, accelerator, state.gan)
+            for line in notes:
+                accelerator.print(line)
+        return
     if (resumed.path / "config.yaml").read_text() != config_yaml:
         accelerator.print(f"warning: the config differs from the one saved in {resumed.path}")
     for line in resumed.report:
         accelerator.print(line)
-    counters = {k: resumed.trainer_state[k] for k in ("skipped_total", "consecutive_skips")}
-    return resumed.trainer_state["step"], counters
+    if cfg.train.init_from is not None:
+        accelerator.print(f"train.init_from ({cfg.train.init_from}) not used: resuming this run's own checkpoint")

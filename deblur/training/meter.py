@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from deblur.errors import Fault
 from deblur.training.failures import every_rank
 from deblur.training.feed import Feed
-from deblur.training.gan import D_STATS, G_STATS, GanStep, StepStats
+from deblur.training.gan import D_STATS, G_STATS, StepStats
 
 
 class NonFiniteUpdates(Fault):
@@ -78,6 +78,10 @@ class Meter:
     def counters(self) -> dict[str, int]:
         return {"skipped_total": self.skipped_total, "consecutive_skips": self.consecutive_skips}
 
+    def load_counters(self, counters: dict[str, int]) -> None:
+        """Restore :meth:`counters` (from a checkpoint's trainer.json)."""
+        self.skipped_total, self.consecutive_skips = counters["skipped_total"], counters["consecutive_skips"]
+
     def summary(self) -> dict[str, float]:
         """Means over the updates (and ranks) read since the last summary, skipped updates left
         out, plus the skip counters."""
@@ -118,15 +122,15 @@ class Throughput:
 
 
 def interval_scalars(
-    gan: GanStep, meter: Meter, feed: Feed, accelerator: Accelerator, images: int, elapsed: float
+    meter: Meter, lrs: dict[str, float], feed: Feed, accelerator: Accelerator, images: int, elapsed: float
 ) -> dict[str, float]:
-    """Everything logged every ``train.log_every`` steps; ``images`` were consumed by this rank
-    in ``elapsed`` seconds of training (validation and checkpoints not counted)."""
+    """Everything logged every ``train.log_every`` steps; ``lrs``: the learning rates of the
+    interval's last step (TrainState.lrs); ``images`` were consumed by this rank in ``elapsed``
+    seconds of training (validation and checkpoints not counted)."""
     per_process = images / elapsed
     scalars = {
         **meter.summary(),
-        "lr/generator": gan.g_optimizer.param_groups[0]["lr"],
-        "lr/discriminator": gan.d_optimizer.param_groups[0]["lr"],
+        **{f"lr/{name}": lr for name, lr in lrs.items()},
         "perf/images_per_s": per_process * accelerator.num_processes,
         "perf/images_per_s_per_process": per_process,
         "perf/data_wait_fraction": min(1.0, feed.wait / elapsed),

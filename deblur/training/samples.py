@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from PIL import Image, ImageDraw, ImageFont
+from torch import nn
 from torchvision.utils import make_grid
 
 from deblur.norm import denormalize
-from deblur.training.gan import GanStep
 
 LABEL_WIDTH = 190
 PADDING = 4
@@ -37,16 +37,15 @@ def labelled_grid(rows: dict[str, torch.Tensor], scale: int = 3) -> Image.Image:
 
 
 @torch.no_grad()
-def save_samples(accelerator: Accelerator, gan: GanStep, batch, count: int, path: Path) -> None:
-    """The sample grid: rows blurred | restored | sharp, labelled, each image enlarged 3x."""
+def save_samples(accelerator: Accelerator, generators: dict[str, nn.Module], batch, count: int, path: Path) -> None:
+    """The sample grid: rows blurred | restored by each of ``generators`` (label -> unwrapped
+    module) | sharp, labelled, each image enlarged 3x."""
     blurred, sharp = (t[:count] for t in batch)
     # Unwrapped: this runs on the main process only, and a DDP forward on one rank alone must
     # never be in a position to wait for the others.
     with accelerator.autocast():
-        restored = accelerator.unwrap_model(gan.generator)(blurred)
-    rows = {
-        name: denormalize(t.float()).clamp(0, 1).cpu()
-        for name, t in (("blurred (input)", blurred), ("restored (G)", restored), ("sharp (target)", sharp))
-    }
+        restored = {f"restored ({label})": generator(blurred) for label, generator in generators.items()}
+    images = {"blurred (input)": blurred, **restored, "sharp (target)": sharp}
+    rows = {name: denormalize(t.float()).clamp(0, 1).cpu() for name, t in images.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     labelled_grid(rows, scale=3).save(path)

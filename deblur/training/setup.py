@@ -18,6 +18,7 @@ from deblur.loading.loader import make_loader
 from deblur.models import Discriminator, Generator
 from deblur.shard.format import manifest_split
 from deblur.training.config import Config
+from deblur.training.ema import Ema
 from deblur.training.gan import GanStep, make_optimizer
 from deblur.training.hardware import resolve_compile, resolve_precision, resolve_threads
 from deblur.training.launcher import Launch, detect, srun_environment
@@ -117,7 +118,8 @@ def measure_layout(accelerator: Accelerator, setting: int | None, launch: Launch
 
 def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
     """G, D and their optimizers, prepared for this run: channels_last and compiled as the
-    config says (both in place, so state-dict keys and checkpoints are the same either way)."""
+    config says (both in place, so state-dict keys and checkpoints are the same either way), and
+    the EMA of G (``train.ema_decay``), a copy of the initial G that is never compiled."""
     set_seed(cfg.seed)  # the same seed on every rank: identical initial replicas
     generator = Generator(residual=cfg.model.residual)
     discriminator = Discriminator()
@@ -141,7 +143,11 @@ def build_models(cfg: Config, accelerator: Accelerator) -> GanStep:
         generator, discriminator, g_optimizer, d_optimizer
     )
     update_mode = mode if compiled and scope == "update" else None
-    return GanStep(accelerator, generator, discriminator, g_optimizer, d_optimizer, cfg.loss, cfg.optim, update_mode)
+    gan = GanStep(accelerator, generator, discriminator, g_optimizer, d_optimizer, cfg.loss, cfg.optim, update_mode)
+    if cfg.train.ema_decay > 0:  # on the device, in G's memory format; updated after every G update
+        gan.ema = Ema(accelerator.unwrap_model(generator), cfg.train.ema_decay)
+        gan.g_update_hooks.append(gan.ema.update)
+    return gan
 
 
 def build_loader(cfg: Config, accelerator: Accelerator, split: str, train: bool):

@@ -2,6 +2,10 @@
 
 The per-image scores and their averaging are :mod:`deblur.metrics`' (``score_sums``,
 ``mean_scores``), the same ones ``python -m deblur.evaluate`` uses.
+
+What is scored (:func:`scored_generators`): the generator the run's outputs use, logged as
+``val/*`` (the EMA of G when ``train.ema_decay`` > 0, else G itself), and with an EMA also the
+trained G, as ``val_raw/*``; both in one pass over the split.
 """
 
 from __future__ import annotations
@@ -51,41 +55,61 @@ def summarize(sums: torch.Tensor) -> dict[str, float]:
     }
 
 
+def scored_generators(accelerator: Accelerator, gan: GanStep) -> list[tuple[str, str, nn.Module]]:
+    """(log-key suffix, label, unwrapped generator) of what is scored: first the generator the
+    outputs use ("", the EMA when there is one), then the trained G beside it ("_raw")."""
+    raw = accelerator.unwrap_model(gan.generator)
+    return [("", "G", raw)] if gan.ema is None else [("", "EMA", gan.ema.module), ("_raw", "raw G", raw)]
+
+
 def validate(
-    accelerator: Accelerator, gan: GanStep, loader
-) -> tuple[dict[str, float], tuple[torch.Tensor, ...] | None]:
-    """PSNR/SSIM of restored and of blurred images over the whole split (all ranks), plus this
-    rank's first batch (None when its part of the split is empty).
+    accelerator: Accelerator, generators: list[nn.Module], loader
+) -> tuple[list[dict[str, float]], tuple[torch.Tensor, ...] | None]:
+    """PSNR/SSIM of restored (by each of ``generators``, unwrapped) and of blurred images over
+    the whole split (all ranks), plus this rank's first batch (None when its part of the split
+    is empty).
 
     Ranks may run different numbers of batches here (the loaders' drop_last=False), so nothing
-    inside the loop may be a collective. The generator runs unwrapped: a DDP forward under
+    inside the loop may be a collective. The generators run unwrapped: a DDP forward under
     no_grad with forward_sync_buffers=False issues none either (torch's DistributedDataParallel.
     _pre_forward/_post_forward only sync with gradients enabled or buffers broadcast), but the
     plain module makes that evident. The one collective, the reduce, comes after the loop, and
     every rank reaches it, one that had no batch included.
     """
-    gan.generator.eval()
-    generator = accelerator.unwrap_model(gan.generator)
-    sums = torch.zeros(5, device=accelerator.device, dtype=torch.float64)
+    modes = [g.training for g in generators]
+    for generator in generators:
+        generator.eval()
+    sums = torch.zeros(len(generators), 5, device=accelerator.device, dtype=torch.float64)
     first = None
     for blurred, sharp in loader:
         first = first or (blurred, sharp)
-        sums += restoration_sums(accelerator, generator, blurred, sharp).double()
-    gan.generator.train()
-    return summarize(accelerator.reduce(sums, reduction="sum")), first
+        for i, generator in enumerate(generators):
+            sums[i] += restoration_sums(accelerator, generator, blurred, sharp).double()
+    for generator, mode in zip(generators, modes):
+        generator.train(mode)
+    return [summarize(row) for row in accelerator.reduce(sums, reduction="sum")], first
 
 
 def validate_and_sample(
     accelerator: Accelerator, gan: GanStep, loader, log: Log, step: int, samples_dir: Path, sample_images: int
 ) -> None:
-    """Every ``train.eval_every`` steps: log ``val/*`` scores, and write (and log) the sample
-    grid of the main process's first validation batch."""
-    metrics, first = validate(accelerator, gan, loader)
-    log.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
+    """Every ``train.eval_every`` steps: log ``val/*`` (and ``val_raw/*``) scores, and write
+    (and log) the sample grid of the main process's first validation batch."""
+    generators = scored_generators(accelerator, gan)
+    scores, first = validate(accelerator, [generator for _, _, generator in generators], loader)
+    log.scalars(prefixed("val", generators, scores), step)
     if accelerator.is_main_process and first is not None:
         sample_path = samples_dir / f"{step_dir_name(step)}.png"
-        save_samples(accelerator, gan, first, sample_images, sample_path)
+        save_samples(accelerator, {label: g for _, label, g in generators}, first, sample_images, sample_path)
         log.image("samples", sample_path, step)
+
+
+def prefixed(split: str, generators: list[tuple[str, str, nn.Module]], scores: list[dict]) -> dict[str, float]:
+    """``{split}{suffix}/{key}`` -> value of every generator's scores (``val/psnr_restored``,
+    ``val_raw/psnr_restored``, ...)."""
+    return {
+        f"{split}{suffix}/{k}": v for (suffix, _, _), metrics in zip(generators, scores) for k, v in metrics.items()
+    }
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
