@@ -375,6 +375,19 @@ def test_a_half_written_demo_photograph_is_not_an_input(tmp_path):
     assert not list(folder.glob("*.partial"))
 
 
+def test_a_crop_an_earlier_demo_list_wrote_is_removed_not_reported_as_skipped(tmp_path):
+    from deblur.shard import demo
+
+    folder = tmp_path / ".demo-src"
+    folder.mkdir()
+    stale = folder / "camera_s100_x0001_y0001.jpg"  # a position the current list does not cut
+    stale.write_bytes(b"an older crop")
+    demo.materialize(folder)
+    assert not stale.exists()
+    listed = {line.split()[0] for line in (folder / "list_eval_partition.txt").read_text().splitlines()}
+    assert {p.name for p in folder.glob("*.jpg")} == listed == {name for name, _, _ in demo.crops()}
+
+
 @pytest.mark.parametrize("option", ["--images", "--workers", "--repeat"])
 def test_bench_shard_refuses_nonsense_counts(option, capsys):
     from deblur.bench.__main__ import main as bench

@@ -86,5 +86,11 @@ def materialize(folder: Path) -> Path:
         im.save(buf, "JPEG", quality=JPEG_QUALITY)
         _write_if_changed(folder / name, buf.getvalue())
         lines.append(f"{name} {code}\n")
+    # Crops an earlier version of this list wrote (the folder is the builder's own): they would
+    # be reported as skipped source files, unlisted in the partition file.
+    listed = {line.split()[0] for line in lines}
+    for stale in folder.glob("*.jpg"):
+        if stale.name not in listed:
+            stale.unlink()
     _write_if_changed(folder / PARTITION_FILE, "".join(lines).encode())
     return folder
