@@ -191,6 +191,14 @@ def test_disk_full_while_saving_says_so_removes_its_partial_save_and_keeps_the_o
     assert ".tmp-step-0000012" not in proc.stdout
 
 
+def rank_of(process: psutil.Process) -> str | None:
+    """The RANK in a process's environment (None: not set, or the process is gone)."""
+    try:
+        return process.environ().get("RANK")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
 def test_a_rank_that_cannot_write_its_part_of_a_checkpoint_stops_every_rank(tiny_shards, tmp_path):
     # Rank 1 may write files of at most 4 KiB (RLIMIT_FSIZE: writes beyond fail with EFBIG, as
     # the kernel reports them): its RNG states in the first checkpoint fail. The main process
@@ -199,11 +207,12 @@ def test_a_rank_that_cannot_write_its_part_of_a_checkpoint_stops_every_rank(tiny
     proc = launch(accelerate(tiny_shards, out, "train.record_batches=false"), out)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
-        while len(workers := trainers(proc)) < 2:
+        # A worker caught between fork and exec still shows the launcher's command line (which
+        # names launch/train.py) and environment (no RANK): wait until rank 1 has exec'd.
+        while not (rank1 := [w for w in trainers(proc) if rank_of(w) == "1"]):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        [rank1] = [w for w in workers if w.environ().get("RANK") == "1"]
-        rank1.rlimit(psutil.RLIMIT_FSIZE, (4096, 4096))
+        rank1[0].rlimit(psutil.RLIMIT_FSIZE, (4096, 4096))
     except BaseException:
         kill_all(proc)
         raise
